@@ -1,0 +1,1 @@
+"""LightningDataModules that turn edit datasets into batches."""

@@ -1,0 +1,1 @@
+"""LightningModules that train editors against a frozen LM."""

@@ -1,0 +1,17 @@
+"""Edit cases: the shared schema, readers for the published layouts, and built-in facts."""
+
+from remedi.data.builtin_facts import SPLITS, load_builtin
+from remedi.data.cases import CaseError, EditCase
+from remedi.data.readers import LoadReport, detect_layout, load_cases, parse_records, read_cases
+
+__all__ = [
+    "SPLITS",
+    "CaseError",
+    "EditCase",
+    "LoadReport",
+    "detect_layout",
+    "load_builtin",
+    "load_cases",
+    "parse_records",
+    "read_cases",
+]

