@@ -24,6 +24,9 @@ from remedi.data.cases import EditCase
 from remedi.tokens import ContinuationBatch, encode_continuations, score_continuations
 
 RowKind = Literal["rewrite", "paraphrase", "neighborhood"]
+Scoring = Literal["mean", "first"]
+"""``mean``: P = exp(mean log-prob of all target tokens) (CounterFact); ``first``: the first
+target token's probability (as REMEDI's reference evaluation does)."""
 SCORE_NAMES = ("efficacy_score", "paraphrase_score", "neighborhood_score")
 METRIC_NAMES = (
     "efficacy_score",
@@ -74,8 +77,11 @@ def row_probabilities(
     rows: Sequence[ScoredRow],
     edit: EditContext | None = None,
     batch_size: int = 32,
+    scoring: Scoring = "mean",
 ) -> torch.Tensor:
-    """CounterFact probability ``exp(mean log p)`` of each row's target after its prompt."""
+    """Probability of each row's target after its prompt (see :data:`Scoring`)."""
+    if scoring not in ("mean", "first"):
+        raise ValueError(f"scoring {scoring!r} must be 'mean' or 'first'")
     probs: list[torch.Tensor] = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
@@ -88,7 +94,9 @@ def row_probabilities(
         )
         context = nullcontext() if edit is None else edit(batch, chunk)
         with torch.no_grad(), context:
-            probs.append(score_continuations(model, batch).mean_prob.float().cpu())
+            scores = score_continuations(model, batch)
+            prob = scores.mean_prob if scoring == "mean" else scores.first.exp()
+            probs.append(prob.float().cpu())
     return torch.cat(probs) if probs else torch.zeros(0)
 
 
@@ -144,9 +152,10 @@ def evaluate_cases(
     cases: Sequence[EditCase],
     edit: EditContext | None = None,
     batch_size: int = 32,
+    scoring: Scoring = "mean",
 ) -> tuple[dict[str, float], list[dict[str, float]]]:
     """Score ``cases`` under ``edit`` (None: the model as it is); return summary, per-case."""
     rows = [row for i, case in enumerate(cases) for row in case_rows(case, i)]
-    probs = row_probabilities(model, tokenizer, rows, edit, batch_size)
+    probs = row_probabilities(model, tokenizer, rows, edit, batch_size, scoring)
     per_case = case_metrics(rows, probs)
     return summarize(per_case), per_case
