@@ -1,0 +1,73 @@
+"""Reversible weight edits: every method that writes LM weights returns an :class:`EditHandle`.
+
+handle = backup(model, ["model.layers.4.mlp.down_proj.weight"])
+...write the weights in place...
+handle.restore()          # bitwise the original values
+
+with rome.apply_edit(lm, request) as handle:   # methods return a handle; `with` restores
+    ...evaluate the edited model...
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from types import TracebackType
+
+import torch
+from torch import nn
+
+
+class EditHandle:
+    """Copies of the original values of edited parameters; :meth:`restore` writes them back.
+
+    Also a context manager that restores on exit, exceptions included. ``info`` carries whatever
+    the method wants to report (e.g. ROME's key and value vectors).
+    """
+
+    def __init__(self, params: dict[str, nn.Parameter], info: dict[str, object] | None = None):
+        self._params = params
+        self._originals = {name: p.detach().clone() for name, p in params.items()}
+        self.info: dict[str, object] = dict(info or {})
+        self.restored = False
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._params)
+
+    def original(self, name: str) -> torch.Tensor:
+        return self._originals[name]
+
+    def restore(self) -> None:
+        """Put every edited parameter back exactly as it was (idempotent)."""
+        with torch.no_grad():
+            for name, param in self._params.items():
+                param.copy_(self._originals[name])
+        self.restored = True
+
+    def __enter__(self) -> EditHandle:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.restore()
+
+
+def backup(model: nn.Module, names: Iterable[str]) -> EditHandle:
+    """Snapshot the named parameters of ``model`` before editing them in place."""
+    params = dict(model.named_parameters())
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise KeyError(f"model has no parameter(s) {missing}")
+    return EditHandle({n: params[n] for n in names})
+
+
+def param_name(model: nn.Module, param: torch.Tensor) -> str:
+    """The qualified name of ``param`` inside ``model`` (for a module's ``weight``, say)."""
+    for name, candidate in model.named_parameters():
+        if candidate is param:
+            return name
+    raise KeyError("parameter does not belong to the model")
