@@ -61,3 +61,31 @@ def test_default_model_loads_from_cache_quickly(gemma) -> None:
     assert again.arch.num_layers == 18 and again.arch.hidden_size == 640
     assert not any(p.requires_grad for p in again.model.parameters())
     assert again.tokenizer.pad_token is not None
+
+
+def test_hub_ids_go_to_from_pretrained(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hub ids are passed through untouched (no network here: the loaders are stubbed)."""
+    import remedi.models.loading as loading
+
+    tiny = tiny_model("gptj")
+    seen: list[str] = []
+
+    def fake_model(source: str, **kwargs: object):
+        seen.append(source)
+        return tiny.model
+
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", fake_model)
+    monkeypatch.setattr(loading.AutoTokenizer, "from_pretrained", lambda source: tiny.tokenizer)
+    lm = load_model("EleutherAI/gpt-j-6b", dtype="bfloat16")
+    assert seen == ["EleutherAI/gpt-j-6b"]
+    assert lm.arch.model_type == "gptj" and lm.spec == "EleutherAI/gpt-j-6b"
+
+
+@pytest.mark.slow
+def test_gguf_file_path(gemma) -> None:
+    from remedi.models import cache_dir
+
+    path = cache_dir() / "gguf" / "gemma-3-270m-q4_k_m.gguf"
+    lm = load_model(str(path), dtype="bfloat16")
+    assert lm.dtype is torch.bfloat16
+    assert lm.arch.model_type == "gemma3_text"
