@@ -118,6 +118,7 @@ def tiny_model(model_type: str, with_bos: bool = True, seed: int = 0) -> LoadedM
     """A frozen, randomly initialised model of ``model_type`` with the tiny tokenizer."""
     torch.manual_seed(seed)
     config = TINY_CONFIGS[model_type]()
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 1, 2, 0
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     return wrap_model(model, _tokenizer(with_bos), spec=f"tiny-{model_type}")
 
