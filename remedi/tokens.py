@@ -238,18 +238,50 @@ class ContinuationScores:
         return self.mean.exp()
 
 
-def continuation_logprobs(logits: torch.Tensor, batch: ContinuationBatch) -> ContinuationScores:
-    """Score a batch's targets from the logits of one forward pass over ``batch.input_ids``."""
+def final_hidden(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Final (normalised) hidden states of a causal LM's body, without the unembedding."""
+    body: nn.Module = model.base_model  # type: ignore[assignment]
+    out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    return out.last_hidden_state
+
+
+def unembed(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Next-token logits of final hidden states, softcapped where the model softcaps them.
+
+    Applying this only at the positions that matter avoids full-vocabulary logits at every
+    position (262k entries per token for Gemma).
+    """
+    head: nn.Module = model.get_output_embeddings()  # type: ignore[operator]
+    logits: torch.Tensor = head(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _at_targets(states: torch.Tensor, batch: ContinuationBatch) -> torch.Tensor:
+    """``states[b, t]`` at the positions that predict each target token: ``[b, max_target, d]``."""
     positions = batch.target_positions()
-    picked = logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))
-    logprobs = torch.log_softmax(picked.float(), dim=-1)
+    return states.gather(1, positions[..., None].expand(-1, -1, states.shape[-1]))
+
+
+def _scores(target_logits: torch.Tensor, batch: ContinuationBatch) -> ContinuationScores:
+    logprobs = torch.log_softmax(target_logits.float(), dim=-1)
     token_lp = logprobs.gather(-1, batch.target_ids[..., None]).squeeze(-1)
     return ContinuationScores(token_lp * batch.target_mask, batch.target_mask)
 
 
+def continuation_logprobs(logits: torch.Tensor, batch: ContinuationBatch) -> ContinuationScores:
+    """Score a batch's targets from full logits ``[batch, seq, vocab]`` of ``batch.input_ids``."""
+    return _scores(_at_targets(logits, batch), batch)
+
+
 def score_continuations(model: nn.Module, batch: ContinuationBatch) -> ContinuationScores:
-    """Run ``model`` once on ``batch`` and score its targets."""
+    """Run ``model`` once on ``batch`` and score its targets, unembedding only the positions
+    that predict target tokens."""
     device = next(model.parameters()).device
     batch = batch.to(device)
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    return continuation_logprobs(logits, batch)
+    hidden = final_hidden(model, batch.input_ids, batch.attention_mask)
+    return _scores(unembed(model, _at_targets(hidden, batch)), batch)

@@ -8,6 +8,7 @@ from conftest import tiny_model
 
 from remedi.tokens import (
     char_span,
+    continuation_logprobs,
     encode_continuations,
     encode_prompts,
     score_continuations,
@@ -66,7 +67,7 @@ def test_empty_target_rejected(tiny_tokenizer) -> None:
         encode_continuations(tiny_tokenizer, ["Toyota is in"], [" "])
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", "llama"])
+@pytest.mark.parametrize("model_type", ["gpt2", "gptj", "gpt_neox", "llama", "gemma2"])
 def test_logprobs_match_token_by_token_reference(model_type: str) -> None:
     lm = tiny_model(model_type)
     targets = ["Paris", "Japan and Asia"]
@@ -80,6 +81,10 @@ def test_logprobs_match_token_by_token_reference(model_type: str) -> None:
             expected = [logprobs[n_p - 1 + j, ids[0, n_p + j]] for j in range(n_t)]
             torch.testing.assert_close(scores.token_logprobs[row, :n_t], torch.stack(expected))
             torch.testing.assert_close(scores.mean[row], torch.stack(expected).mean())
+        full = lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        torch.testing.assert_close(
+            continuation_logprobs(full, batch).token_logprobs, scores.token_logprobs
+        )
     assert scores.first.shape == (2,)
     assert torch.all((scores.mean_prob > 0) & (scores.mean_prob < 1))
 

@@ -1,0 +1,118 @@
+"""``python -m remedi.train {fit,validate,test,predict}``: train and evaluate REMEDI editors.
+
+A thin :class:`~lightning.pytorch.cli.LightningCLI` around :class:`RemediModule` and the
+datamodules. Defaults: runs under ``checkpoints/`` (``--trainer.default_root_dir``) with
+``last.ckpt`` and the best checkpoint (by ``val/loss``) in that fixed directory, so
+``--ckpt_path last`` resumes; TensorBoard logs in ``<root>/tensorboard/version_N``; early stopping
+with patience 2 on ``val/loss``. ``inference_mode=False`` so that evaluation callbacks may take
+gradients during validation (Lightning then validates under ``torch.no_grad``). ``test`` also
+writes ``metrics.json`` into the TensorBoard run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from datamodules import EditCaseDataModule
+from lightning_modules import RemediModule
+
+DEFAULT_ROOT = "checkpoints"
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "default_root_dir": DEFAULT_ROOT,
+    "inference_mode": False,
+    "max_epochs": 20,
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": DEFAULT_ROOT, "name": "tensorboard"},
+    },
+}
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write ``payload`` as JSON to ``path`` via a temporary file in the same directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class RemediCLI(LightningCLI):
+    """LightningCLI with REMEDI's checkpoint, early-stopping and logger defaults."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/loss",
+                "checkpoint.mode": "min",
+                "checkpoint.save_last": True,
+                "checkpoint.save_top_k": 1,
+                "checkpoint.filename": "best-epoch{epoch:02d}-step{step}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath")
+        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+        parser.set_defaults(
+            {
+                "early_stopping.monitor": "val/loss",
+                "early_stopping.patience": 2,
+                "early_stopping.strict": False,
+            }
+        )
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.trainer
+        logger = trainer.get("logger")
+        root = trainer.get("default_root_dir") or DEFAULT_ROOT
+        if (
+            logger is not None
+            and not isinstance(logger, bool)
+            and str(logger.get("class_path", "")).endswith("TensorBoardLogger")
+            and logger.init_args.get("save_dir") == DEFAULT_ROOT
+        ):
+            logger.init_args.save_dir = root  # the logger follows --trainer.default_root_dir
+
+    def after_test(self) -> None:
+        run_dir = Path(
+            self.trainer.log_dir or self.trainer.default_root_dir
+        )  # every rank: a collective
+        if not self.trainer.is_global_zero:
+            return
+        metrics = {
+            key.removeprefix("test/"): float(value)
+            for key, value in self.trainer.callback_metrics.items()
+            if key.startswith("test/")
+        }
+        write_json_atomic(run_dir / "metrics.json", metrics)
+
+
+def main(args: list[str] | None = None) -> RemediCLI:
+    """Run the CLI on ``args`` (``sys.argv[1:]`` when None); returns the CLI for tests."""
+    return RemediCLI(
+        RemediModule,
+        EditCaseDataModule,
+        subclass_mode_data=True,
+        trainer_defaults=TRAINER_DEFAULTS,
+        args=args,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""The REMEDI LightningModule: frozen LM outside the checkpoint, resume, metrics, wrong model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import tiny_model
+from lightning.pytorch.callbacks import ModelCheckpoint
+from test_datamodules import write_rome
+
+from datamodules import CounterFactDataModule
+from lightning_modules import RemediModule, register_model
+from remedi.models import LoadedModel
+
+
+@pytest.fixture(scope="module")
+def tiny() -> LoadedModel:
+    lm = tiny_model("gemma3_text")
+    register_model(lm)
+    return lm
+
+
+def _data(tmp_path: Path) -> CounterFactDataModule:
+    path = tmp_path / "cf.json"
+    if not path.exists():
+        write_rome(path)
+    # 6 train cases x 2 paraphrases = 12 examples = 3 steps of 4 per epoch
+    return CounterFactDataModule(
+        path=str(path), n_train=6, n_val=2, n_test=2, split="ordered", batch_size=4
+    )
+
+
+def _trainer(root: Path, **kwargs: object) -> L.Trainer:
+    defaults: dict[str, object] = dict(
+        default_root_dir=str(root),
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        inference_mode=False,
+        callbacks=[ModelCheckpoint(dirpath=str(root), save_last=True, save_top_k=0)],
+    )
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)  # type: ignore[arg-type]
+
+
+def _module(tiny: LoadedModel, **kwargs: object) -> RemediModule:
+    torch.manual_seed(0)
+    return RemediModule(model=tiny.spec, layer=1, lr=1e-2, **kwargs)  # type: ignore[arg-type]
+
+
+def test_lm_is_not_a_parameter_or_state(tiny: LoadedModel) -> None:
+    module = _module(tiny)
+    assert module.lm is tiny
+    assert all(k.startswith("editor.") for k in module.state_dict())
+    n_editor = sum(p.numel() for p in module.editor.parameters())
+    assert sum(p.numel() for p in module.parameters()) == n_editor
+    assert not any(p.requires_grad for p in tiny.model.parameters())
+
+
+def test_bad_settings_fail_early(tiny: LoadedModel) -> None:
+    with pytest.raises(ValueError, match="layer 9"):
+        RemediModule(model=tiny.spec, layer=9)
+    with pytest.raises(ValueError, match="editor 'x'"):
+        RemediModule(model=tiny.spec, editor="x")  # type: ignore[arg-type]
+
+
+def test_checkpoint_holds_editor_and_optimizer_only(tiny: LoadedModel, tmp_path: Path) -> None:
+    module = _module(tiny)
+    _trainer(tmp_path, max_epochs=1).fit(module, _data(tmp_path))
+    path = tmp_path / "last.ckpt"
+    ckpt = torch.load(path, weights_only=True)  # hyperparameters are plain data
+    assert set(ckpt["state_dict"]) == {"editor.linear.weight", "editor.linear.bias"}
+    lm_names = {n for n, _ in tiny.model.named_parameters()}
+    assert not any(k.split(".", 1)[-1] in lm_names for k in ckpt["state_dict"])
+    assert ckpt["remedi"] == {
+        "model": tiny.spec,
+        "layer": 1,
+        "hidden_size": tiny.arch.hidden_size,
+        "editor": "affine",
+    }
+    editor_bytes = sum(p.numel() * p.element_size() for p in module.editor.parameters())
+    assert path.stat().st_size < 3 * editor_bytes + 1_000_000
+    assert len(ckpt["optimizer_states"]) == 1
+
+
+@pytest.mark.parametrize("n", [2, 3])  # mid-epoch and at the epoch's end (3 steps/epoch)
+def test_resume_matches_uninterrupted_training(tiny: LoadedModel, tmp_path: Path, n: int) -> None:
+    """2N uninterrupted steps (saving at step N, as a run that then crashes would) against
+    resuming a fresh process-like trainer from the step-N checkpoint for N more steps."""
+    every_n = ModelCheckpoint(
+        dirpath=str(tmp_path / "a"),
+        every_n_train_steps=n,
+        save_top_k=-1,
+        filename="step{step}",
+        auto_insert_metric_name=False,
+    )
+    straight = _module(tiny)
+    _trainer(tmp_path / "a", max_steps=2 * n, callbacks=[every_n]).fit(straight, _data(tmp_path))
+    resumed = _module(tiny)
+    trainer = _trainer(tmp_path / "b", max_steps=2 * n)
+    trainer.fit(resumed, _data(tmp_path), ckpt_path=str(tmp_path / "a" / f"step{n}.ckpt"))
+    assert trainer.global_step == 2 * n
+    assert float(straight.editor.linear.weight.abs().sum()) > 0
+    for a, b in zip(straight.editor.parameters(), resumed.editor.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_checkpoint_from_another_layer_or_model_fails(tiny: LoadedModel, tmp_path: Path) -> None:
+    _trainer(tmp_path, max_steps=1).fit(_module(tiny), _data(tmp_path))
+    other = _module(tiny, editor="affine")
+    other.layer = 2
+    with pytest.raises(ValueError, match=r"checkpoint: trained for model .* layer 1 .* layer 2"):
+        _trainer(tmp_path).validate(other, _data(tmp_path), ckpt_path=str(tmp_path / "last.ckpt"))
+    gpt2 = tiny_model("gpt2")
+    register_model(gpt2)
+    with pytest.raises(ValueError, match="tiny-gpt2"):
+        RemediModule.load_from_checkpoint(tmp_path / "last.ckpt", model=gpt2.spec)
+
+
+def test_validation_logs_metrics_and_keeps_a_copy_of_the_best(
+    tiny: LoadedModel, tmp_path: Path
+) -> None:
+    module = _module(tiny)
+    trainer = _trainer(tmp_path, max_epochs=2, limit_val_batches=None)
+    trainer.fit(module, _data(tmp_path))
+    metrics = trainer.callback_metrics
+    for name in ("loss", "efficacy_score", "paraphrase_magnitude", "neighborhood_score", "score"):
+        assert f"val/{name}" in metrics
+    assert 0.0 <= float(metrics["val/efficacy_score"]) <= 1.0
+    assert module.best_editor_state is not None
+    saved = module.best_editor_state["linear.weight"].clone()
+    with torch.no_grad():
+        module.editor.linear.weight.add_(1.0)
+    assert torch.equal(module.best_editor_state["linear.weight"], saved)
+    module.restore_best()
+    assert torch.equal(module.editor.linear.weight, saved)
+    assert len(module.val_cases) == 2
+    results = trainer.test(module, _data(tmp_path))
+    assert "test/score" in results[0]
+
+
+def test_parameterless_editor_validates(tiny: LoadedModel, tmp_path: Path) -> None:
+    module = _module(tiny, editor="null")
+    results = _trainer(tmp_path, limit_val_batches=None).validate(module, _data(tmp_path))
+    assert results[0]["val/kl"] == pytest.approx(0.0, abs=1e-6)
