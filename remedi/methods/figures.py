@@ -1,0 +1,101 @@
+"""Matplotlib figures of the locators (causal-trace heatmaps, knowledge-neuron summaries),
+written atomically to a path the caller chose. Uses the object API (no pyplot global state)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from matplotlib.figure import Figure
+
+from remedi.methods.causal_trace import TraceResult
+
+_TITLES = {
+    "hidden": "Restoring the block output",
+    "mlp": "Restoring MLP outputs",
+    "attn": "Restoring attention outputs",
+}
+_COLORMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` as PNG to ``path`` atomically (temp file in the same directory)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            fig.savefig(handle, format="png", dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def trace_heatmap(result: TraceResult, kind: str) -> Figure:
+    """Tokens × layers heatmap of P(target) with one state (or window) restored."""
+    scores = result.scores[kind].numpy()
+    fig = Figure(figsize=(max(4.0, 0.3 * scores.shape[1] + 2), 0.35 * len(result.tokens) + 1.5))
+    ax = fig.add_subplot()
+    image = ax.pcolormesh(scores, cmap=_COLORMAPS.get(kind, "viridis"), vmin=result.corrupted_prob)
+    ax.invert_yaxis()
+    start, end = result.subject_range
+    labels = [f"{t!r}*" if start <= i < end else repr(t) for i, t in enumerate(result.tokens)]
+    ax.set_yticks([i + 0.5 for i in range(len(labels))], labels)
+    ticks = range(0, scores.shape[1], 2)
+    ax.set_xticks([i + 0.5 for i in ticks], [str(i) for i in ticks])
+    window = "" if kind == "hidden" else f" (window {result.window})"
+    ax.set_title(f"{_TITLES.get(kind, kind)}{window}")
+    ax.set_xlabel("layer")
+    bar = fig.colorbar(image, ax=ax)
+    bar.set_label(f"p({result.target.strip()!r})  clean {result.clean_prob:.3f}")
+    return fig
+
+
+def attribution_figure(attribution: torch.Tensor, neurons: Sequence[tuple[int, int]]) -> Figure:
+    """Per layer, the largest attribution of any neuron; identified neurons marked."""
+    top = attribution.max(dim=1).values.numpy()
+    fig = Figure(figsize=(6, 3))
+    ax = fig.add_subplot()
+    ax.bar(range(len(top)), top, color="tab:blue")
+    for layer, index in neurons:
+        ax.plot([layer], [float(attribution[layer, index])], "r*", markersize=10)
+    ax.set_xticks(range(len(top)))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("max IG attribution")
+    ax.set_title("Knowledge-neuron attribution (stars: identified neurons)")
+    return fig
+
+
+def layer_histogram(histogram: Mapping[int, int], num_layers: int) -> Figure:
+    """Number of knowledge neurons per layer across facts."""
+    fig = Figure(figsize=(6, 3))
+    ax = fig.add_subplot()
+    ax.bar(range(num_layers), [histogram.get(x, 0) for x in range(num_layers)], color="tab:green")
+    ax.set_xticks(range(num_layers))
+    ax.set_xlabel("layer")
+    ax.set_ylabel("knowledge neurons")
+    ax.set_title("Layer distribution of knowledge neurons")
+    return fig
+
+
+def intervention_bars(changes: Mapping[str, Mapping[str, float]]) -> Figure:
+    """Grouped bars: mean relative probability change per intervention (suppress, amplify) for
+    the fact itself and for unrelated facts, in percent."""
+    groups = list(changes)
+    series = sorted({k for v in changes.values() for k in v})
+    fig = Figure(figsize=(5, 3))
+    ax = fig.add_subplot()
+    width = 0.8 / max(1, len(series))
+    for j, name in enumerate(series):
+        values = [100 * changes[g].get(name, 0.0) for g in groups]
+        ax.bar([i + j * width for i in range(len(groups))], values, width, label=name)
+    ax.set_xticks([i + width * (len(series) - 1) / 2 for i in range(len(groups))], groups)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_ylabel("mean relative change of p(answer), %")
+    ax.legend()
+    return fig

@@ -1,0 +1,143 @@
+"""Causal tracing: shapes, exact restoration, batched restorations against a one-at-a-time
+reference, and the real model's clean/corrupted gap."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+from conftest import MODEL_TYPES, tiny_model
+
+from remedi.hooks import Site, intervene, replace_at
+from remedi.methods import causal_trace as ct
+
+PROMPT = "The Eiffel Tower is located in Paris"
+SUBJECT = "Eiffel Tower"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread (no contention with other jobs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _hooks(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def _reference(lm, result: ct.TraceResult, kind: str, layer: int, token: int) -> float:
+    """One restoration, all tokens recomputed, with plain hooks."""
+    ids = lm.tokenizer([PROMPT], return_tensors="pt")["input_ids"]
+    span = ct.TokenSpan(*result.subject_range)
+    noise = ct.make_noise(result.samples, span, lm.arch.hidden_size, result.noise_std)
+    layers = ct.window_layers(kind, layer, lm.arch.num_layers, result.window)
+    sites = [Site(ct.SITE_OF_KIND[kind], x) for x in layers]
+    with torch.no_grad():
+        with intervene(lm.arch, record=sites) as clean:
+            lm.model(input_ids=ids)
+        total = 0.0
+        for s in range(result.samples):
+            edits = {site: replace_at([token], clean[site][:, token]) for site in sites}
+            with (
+                ct.corrupted_embeddings(lm.arch, span, noise[s : s + 1]),
+                intervene(lm.arch, edit=edits),
+            ):
+                logits = lm.model(input_ids=ids).logits[0, -1]
+            total += float(torch.softmax(logits, -1)[result.target_id])
+    return total / result.samples
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_next_token_logits_match_the_model(model_type: str) -> None:
+    lm = tiny_model(model_type)
+    enc = lm.tokenizer([PROMPT, "Toyota makes"], return_tensors="pt", padding=True)
+    last = enc["attention_mask"].sum(1) - 1
+    with torch.no_grad():
+        full = lm.model(**enc).logits
+        ours = ct.next_token_logits(lm, enc["input_ids"], enc["attention_mask"], last)
+    torch.testing.assert_close(ours, full[torch.arange(2), last])
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "gemma3_text", "gpt_neox"])
+def test_trace_shapes_and_exact_restoration(model_type: str) -> None:
+    lm = tiny_model(model_type)
+    result = ct.trace(lm, PROMPT, SUBJECT, samples=4, window=2)
+    n_tokens, n_layers = len(result.tokens), lm.arch.num_layers
+    assert n_tokens == len(lm.tokenizer(PROMPT)["input_ids"])
+    assert "".join(result.tokens[slice(*result.subject_range)]).strip() == SUBJECT
+    for kind in ct.KINDS:
+        assert result.scores[kind].shape == (n_tokens, n_layers)
+        assert not torch.isnan(result.scores[kind]).any()
+    # The final block output at the last token is everything the prediction depends on.
+    last = result.scores["hidden"][-1, -1].item()
+    assert math.isclose(last, result.clean_prob, rel_tol=1e-4, abs_tol=1e-7)
+    assert not math.isclose(result.corrupted_prob, result.clean_prob, rel_tol=1e-3)
+    start = result.subject_range[0]
+    assert torch.all(result.scores["mlp"][:start] == result.corrupted_prob)
+    assert _hooks(lm.model) == 0
+    data = result.to_json()
+    assert len(data["scores"]["attn"]) == n_tokens and len(data["scores"]["attn"][0]) == n_layers
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_batched_restorations_equal_reference(model_type: str) -> None:
+    lm = tiny_model(model_type)
+    n_tokens = len(lm.tokenizer(PROMPT)["input_ids"])
+    span = ct.encode_prompts(lm.tokenizer, [PROMPT], [SUBJECT]).subject_spans[0]
+    tokens = [span.start, span.end - 1, span.end, n_tokens - 1]
+    result = ct.trace(lm, PROMPT, SUBJECT, samples=3, window=2, batch_size=9, tokens=tokens)
+    end = result.subject_range[1]
+    for kind, layer, token in [
+        ("hidden", 0, end - 1),
+        ("hidden", 1, n_tokens - 1),
+        ("mlp", 0, end - 1),
+        ("mlp", 2, end),
+        ("attn", 1, n_tokens - 1),
+        ("attn", 2, result.subject_range[0]),
+    ]:
+        expected = _reference(lm, result, kind, layer, token)
+        got = result.scores[kind][token, layer].item()
+        assert math.isclose(got, expected, rel_tol=1e-4, abs_tol=1e-7), (kind, layer, token)
+
+
+def test_target_layers_tokens_and_errors() -> None:
+    lm = tiny_model("llama")
+    result = ct.trace(
+        lm, PROMPT, SUBJECT, "Paris", kinds=["mlp"], samples=2, layers=[1], tokens=[-1]
+    )
+    assert result.target_id == int(
+        ct.encode_continuations(lm.tokenizer, [PROMPT], ["Paris"]).target_ids[0, 0]
+    )
+    assert list(result.scores) == ["mlp"]
+    assert not math.isnan(result.scores["mlp"][-1, 1].item())
+    assert math.isnan(result.scores["mlp"][-1, 0].item())
+    with pytest.raises(ValueError, match="kind"):
+        ct.trace(lm, PROMPT, SUBJECT, kinds=["embed"])
+    with pytest.raises(ValueError, match="target is empty"):
+        ct.trace(lm, PROMPT, SUBJECT, " ")
+    with pytest.raises(ValueError, match="does not occur"):
+        ct.trace(lm, PROMPT, "Colosseum")
+
+
+def test_noise_is_seeded_and_scaled() -> None:
+    span = ct.TokenSpan(1, 3)
+    a = ct.make_noise(10, span, 64, 2.0, seed=1)
+    assert torch.equal(a, ct.make_noise(10, span, 64, 2.0, seed=1))
+    assert a.shape == (10, 2, 64) and 1.8 < float(a.std()) < 2.2
+    lm = tiny_model("gpt2")
+    assert ct.embedding_std(lm, [SUBJECT]) > 0
+
+
+@pytest.mark.slow
+def test_default_model_restores_clean_prediction(gemma) -> None:
+    prompt, subject = "Toyota is headquartered in the country of", "Toyota"
+    result = ct.trace(gemma, prompt, subject, kinds=["hidden"], layers=[-1], tokens=[-1])
+    assert result.target.strip() == "Japan"
+    restored = result.scores["hidden"][-1, -1].item()
+    assert math.isclose(restored, result.clean_prob, rel_tol=1e-3)
+    assert result.corrupted_prob < 0.5 * result.clean_prob
