@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from remedi.hooks import Site, intervene
+from remedi.hooks import EMBEDDINGS, Site, intervene
 from remedi.locate import write_json
 from remedi.methods import causal_trace as ct
 from remedi.models import load_model
@@ -47,7 +47,8 @@ def reference_seconds(lm, result: ct.TraceResult, n: int) -> float:
         for kind, layer, token in jobs:
             sites = [Site("mlp", x) for x in ct.window_layers(kind, layer, layers, result.window)]
             edits = {s: copy_clean_row(token) for s in sites}
-            with ct.corrupted_embeddings(lm.arch, span, noise), intervene(lm.arch, edit=edits):
+            edits[EMBEDDINGS] = ct.corrupt_subject(span, noise)
+            with intervene(lm.arch, edit=edits):
                 logits = lm.model(input_ids=ids.expand(len(noise), -1)).logits
             torch.softmax(logits[1:, -1], -1)[:, result.target_id].mean()
     return (time.perf_counter() - start) / len(jobs)

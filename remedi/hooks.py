@@ -1,9 +1,10 @@
 """The one way to read, add to or replace a hidden state at (layer, token) of a causal LM.
 
-A :class:`Site` names a state: the output of a transformer block, of its attention or MLP, or the
-input of the MLP output projection (``mlp_in``, the "neurons"). :func:`intervene` registers
-forward hooks for the sites it is given, records and/or edits their tensors, and always removes
-the hooks on exit. Edits are out-of-place, so gradients flow through them.
+A :class:`Site` names a state: the token embeddings, the output of a transformer block, of its
+attention or MLP, or the input of the MLP output projection (``mlp_in``, the "neurons").
+:func:`intervene` registers forward hooks for the sites it is given, records and/or edits their
+tensors, and always removes the hooks on exit. Edits are out-of-place, so gradients flow
+through them.
 
     with intervene(arch, record=[Site("block", 3)]) as states:
         model(**batch)
@@ -26,15 +27,18 @@ from torch.utils.hooks import RemovableHandle
 
 from remedi.models.architectures import Arch
 
-SiteKind = Literal["block", "attn", "mlp", "mlp_in"]
-SITE_KINDS: tuple[str, ...] = ("block", "attn", "mlp", "mlp_in")
+SiteKind = Literal["embed", "block", "attn", "mlp", "mlp_in"]
+SITE_KINDS: tuple[str, ...] = ("embed", "block", "attn", "mlp", "mlp_in")
 EditFn = Callable[[torch.Tensor], torch.Tensor]
 Positions = torch.Tensor | Sequence[int] | Sequence[Sequence[int]]
 
 
 @dataclass(frozen=True)
 class Site:
-    """A hidden state: ``kind`` at transformer layer ``layer`` (0-indexed)."""
+    """A hidden state: ``kind`` at transformer layer ``layer`` (0-indexed).
+
+    ``embed`` is the output of the token embedding (use :data:`EMBEDDINGS`; its layer is 0).
+    """
 
     kind: SiteKind
     layer: int
@@ -44,6 +48,9 @@ class Site:
             raise ValueError(f"site kind {self.kind!r} is not one of {', '.join(SITE_KINDS)}")
 
 
+EMBEDDINGS = Site("embed", 0)
+
+
 class StopForward(Exception):
     """Raised inside a hook to end a forward pass early; :func:`intervene` swallows it."""
 
@@ -51,6 +58,8 @@ class StopForward(Exception):
 def _module_for(arch: Arch, site: Site) -> torch.nn.Module:
     if site.kind == "mlp_in":
         return arch.mlp_out(site.layer)
+    if site.kind == "embed":
+        return arch.embed
     return arch.module(site.kind, site.layer)
 
 

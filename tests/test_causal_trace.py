@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import MODEL_TYPES, tiny_model
 
-from remedi.hooks import Site, intervene, replace_at
+from remedi.hooks import EMBEDDINGS, Site, intervene, replace_at
 from remedi.methods import causal_trace as ct
 
 PROMPT = "The Eiffel Tower is located in Paris"
@@ -43,10 +43,8 @@ def _reference(lm, result: ct.TraceResult, kind: str, layer: int, token: int) ->
         total = 0.0
         for s in range(result.samples):
             edits = {site: replace_at([token], clean[site][:, token]) for site in sites}
-            with (
-                ct.corrupted_embeddings(lm.arch, span, noise[s : s + 1]),
-                intervene(lm.arch, edit=edits),
-            ):
+            edits[EMBEDDINGS] = ct.corrupt_subject(span, noise[s : s + 1])
+            with intervene(lm.arch, edit=edits):
                 logits = lm.model(input_ids=ids).logits[0, -1]
             total += float(torch.softmax(logits, -1)[result.target_id])
     return total / result.samples

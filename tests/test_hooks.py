@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import MODEL_TYPES, tiny_model
 
-from remedi.hooks import Site, add_at, intervene, replace_at, scale_at
+from remedi.hooks import EMBEDDINGS, Site, add_at, intervene, replace_at, scale_at
 
 
 def _batch(lm, texts=("The Eiffel Tower is in Paris", "Toyota makes cars")):
@@ -163,3 +163,11 @@ def test_add_at_rejects_mismatched_vectors() -> None:
 def test_bad_site_kind() -> None:
     with pytest.raises(ValueError, match="site kind 'resid'"):
         Site("resid", 0)  # type: ignore[arg-type]
+
+
+def test_embedding_site_matches_input_embeddings() -> None:
+    lm = tiny_model("gemma3_text")
+    ids, mask = _batch(lm)
+    with torch.no_grad(), intervene(lm.arch, record=[EMBEDDINGS]) as states:
+        out = lm.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    torch.testing.assert_close(states[EMBEDDINGS], out.hidden_states[0])

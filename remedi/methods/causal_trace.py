@@ -20,17 +20,15 @@ are filled with the corrupted probability instead of being run.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
-from remedi.hooks import Site, SiteKind, intervene, replace_at
-from remedi.models import Arch, LoadedModel
+from remedi.hooks import EMBEDDINGS, EditFn, Site, SiteKind, intervene, replace_at
+from remedi.models import LoadedModel
 from remedi.tokens import TokenSpan, encode_continuations, encode_prompts
 
 TraceKind = Literal["hidden", "mlp", "attn"]
@@ -144,19 +142,15 @@ def make_noise(
     return torch.randn(samples, span.end - span.start, width, generator=gen) * std
 
 
-@contextmanager
-def corrupted_embeddings(
-    arch: Arch, span: TokenSpan, noise: torch.Tensor, offset: int = 0
-) -> Iterator[None]:
-    """Add noise to the embedding outputs of the subject tokens of every row.
+def corrupt_subject(span: TokenSpan, noise: torch.Tensor, offset: int = 0) -> EditFn:
+    """Edit for :data:`~remedi.hooks.EMBEDDINGS` adding noise to the subject tokens of every row.
 
     Rows are sample-major: with ``R`` rows and ``S = len(noise)`` samples, row ``r`` gets sample
     ``r // (R // S)``. ``offset`` is the absolute position of the input's first token (when
-    earlier tokens come from a cache). A forward hook on the embedding module, because
-    ``remedi.hooks`` has no embedding site yet.
+    earlier tokens come from a cache).
     """
 
-    def hook(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+    def fn(output: torch.Tensor) -> torch.Tensor:
         rows, width = output.shape[0], output.shape[1]
         if rows % noise.shape[0]:
             raise ValueError(f"{rows} rows are not a multiple of {noise.shape[0]} noise samples")
@@ -171,11 +165,7 @@ def corrupted_embeddings(
         delta[:, start:end] = picked
         return output + delta
 
-    handle: RemovableHandle = arch.embed.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
+    return fn
 
 
 def window_layers(kind: str, layer: int, num_layers: int, window: int) -> range:
@@ -222,7 +212,8 @@ def _restore_chunk(
         edits[site] = replace_at(rows, clean[site][0, token].expand(n_index, -1))
     ids = input_ids[:, offset:].expand(samples * n_jobs, -1)
     own = repeat_cache(cache, n_jobs) if cache is not None else None
-    with corrupted_embeddings(lm.arch, span, noise, offset), intervene(lm.arch, edit=edits):
+    edits[EMBEDDINGS] = corrupt_subject(span, noise, offset)
+    with intervene(lm.arch, edit=edits):
         logits = next_token_logits(lm, ids, past_key_values=own)
     probs = torch.softmax(logits.float(), dim=-1)[:, target_id]
     return probs.view(samples, n_jobs).mean(0).cpu()
@@ -289,7 +280,7 @@ def trace(
             clean_logits = next_token_logits(lm, input_ids)
         clean_probs = torch.softmax(clean_logits.float(), dim=-1)[0]
         target_id = int(clean_probs.argmax()) if target is None else _target_id(lm, prompt, target)
-        with corrupted_embeddings(arch, span, noise):
+        with intervene(arch, edit={EMBEDDINGS: corrupt_subject(span, noise)}):
             corrupted_logits = next_token_logits(lm, input_ids.expand(samples, -1))
         corrupted_prob = float(torch.softmax(corrupted_logits.float(), dim=-1)[:, target_id].mean())
 
@@ -314,7 +305,7 @@ def trace(
         for token, chunk in tqdm(work, desc="causal trace", disable=not progress):
             if token > 0 and token not in caches:
                 caches = {}
-                with corrupted_embeddings(arch, span, noise):
+                with intervene(arch, edit={EMBEDDINGS: corrupt_subject(span, noise)}):
                     caches[token] = prefix_cache(lm, input_ids[:, :token].expand(samples, -1))
             probs = _restore_chunk(
                 lm,
