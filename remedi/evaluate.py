@@ -1,0 +1,330 @@
+"""Score editing methods on CounterFact-format cases with the shared metrics; one table row each.
+
+    python -m remedi.evaluate --method rome --method none --model gemma3-270m \\
+        --data counterfact.json --limit 50 --corpus wiki.txt --output runs/eval
+
+Methods: none, prefix (the context ``rewrite_prompt + " " + target_new`` and ". " before every
+prompt), ft, ft-l, rome, memit (all cases in one batch, or groups of ``--memit-batch``), kn
+(knowledge-neuron value-slot update) and remedi (a trained ``--checkpoint``). Weight editors are
+applied per case and restored after it (see :mod:`remedi.methods.registry`). Writes
+``summary.json`` (one flat object; a list of them for several methods), ``cases.jsonl`` and
+``summary.md``, atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from remedi.data import EditCase, load_cases
+from remedi.methods.registry import MethodResult, score_method
+from remedi.metrics import METRIC_NAMES, case_rows, evaluate_cases, row_probabilities
+from remedi.models import LoadedModel
+
+log = logging.getLogger(__name__)
+
+METHODS = ("none", "prefix", "ft", "ft-l", "rome", "memit", "kn", "remedi")
+WEIGHT_METHODS = ("ft", "ft-l", "rome", "memit", "kn")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m remedi.evaluate", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--method", action="append", required=True, choices=METHODS)
+    p.add_argument("--model", default="gemma3-270m")
+    p.add_argument("--data", required=True, type=Path, help="CounterFact-format JSON/JSONL")
+    p.add_argument("--output", required=True, type=Path)
+    p.add_argument("--limit", type=int, default=None, help="first N cases (after --known-only)")
+    p.add_argument("--known-only", action="store_true", help="keep cases the LM knows")
+    p.add_argument("--checkpoint", type=Path, default=None, help="REMEDI checkpoint")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--batch-size", type=int, default=32, help="scoring batch size")
+    p.add_argument("--corpus", default=None, help="text file(s)/dir or hf:NAME for statistics")
+    p.add_argument("--stats-tokens", type=int, default=100_000)
+    p.add_argument("--no-stats", action="store_true", help="identity C (unwhitened updates)")
+    p.add_argument("--layer", type=int, default=None, help="ROME/FT layer")
+    p.add_argument("--n-context", type=int, default=None)
+    p.add_argument("--clamp", type=float, default=None, help="ROME clamp factor")
+    p.add_argument("--kl-weight", type=float, default=None)
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--steps", type=int, default=None, help="ROME/MEMIT optimisation steps")
+    p.add_argument("--memit-layers", type=int, nargs="+", default=None)
+    p.add_argument("--memit-lambda", type=float, default=None)
+    p.add_argument("--memit-batch", type=int, default=None, help="edits per MEMIT batch")
+    p.add_argument("--ft-lr", type=float, default=None)
+    p.add_argument("--ft-steps", type=int, default=None)
+    p.add_argument("--ft-eps", type=float, default=5e-4, help="FT-L L-infinity bound")
+    return p
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _check_args(args: argparse.Namespace) -> str | None:
+    """The first problem with the arguments, found before loading anything expensive."""
+    if args.limit is not None and args.limit < 1:
+        return f"--limit must be positive, got {args.limit}"
+    if "remedi" in args.method:
+        if args.checkpoint is None:
+            return "--method remedi needs --checkpoint PATH"
+        if not args.checkpoint.is_file():
+            return f"--checkpoint: file not found: {args.checkpoint}"
+        try:
+            import lightning_modules.remedi_module  # noqa: F401
+        except ImportError as err:
+            return f"--method remedi: the REMEDI module is not available ({err})"
+    needs_stats = {"rome", "memit"} & set(args.method)
+    if needs_stats and not args.no_stats:
+        if args.corpus is None:
+            return (
+                f"--method {sorted(needs_stats)[0]} needs --corpus PATH for its second-moment "
+                "statistics (or --no-stats for an unwhitened update)"
+            )
+        if not str(args.corpus).startswith("hf:") and not Path(args.corpus).exists():
+            return f"--corpus: not found: {args.corpus}"
+    if args.stats_tokens < 1:
+        return f"--stats-tokens must be positive, got {args.stats_tokens}"
+    if args.memit_batch is not None and args.memit_batch < 1:
+        return f"--memit-batch must be positive, got {args.memit_batch}"
+    return None
+
+
+def known_cases(lm: LoadedModel, cases: Sequence[EditCase], batch_size: int = 32) -> list[int]:
+    """Indices of cases whose rewrite prompt the unedited LM completes with P(true) > P(new)."""
+    rows = [row for i, case in enumerate(cases) for row in case_rows(case, i)[:2]]
+    probs = row_probabilities(lm.model, lm.tokenizer, rows, batch_size=batch_size)
+    return [i for i in range(len(cases)) if probs[2 * i + 1] > probs[2 * i]]
+
+
+class Runner:
+    """Turns the command-line options into hyperparameters and statistics for
+    :func:`remedi.methods.registry.score_method`, which applies and scores each method."""
+
+    def __init__(self, lm: LoadedModel, args: argparse.Namespace) -> None:
+        self.lm = lm
+        self.args = args
+        self._stats: dict[int, Any] = {}
+
+    def stats(self, layers: Sequence[int]) -> dict[int, Any] | None:
+        if self.args.no_stats:
+            return None
+        from remedi.methods import second_moment
+
+        wanted = [layer for layer in layers if layer not in self._stats]
+        if wanted:
+            self._stats.update(
+                second_moment.collect(
+                    self.lm, wanted, self.args.corpus, n_tokens=self.args.stats_tokens
+                )
+            )
+        return {layer: self._stats[layer] for layer in layers}
+
+    def run(self, method: str, cases: Sequence[EditCase]) -> MethodResult:
+        if method == "remedi":
+            return self._remedi(cases)
+        a = self.args
+        layer, stats, hparams = a.layer, None, None
+        if method in ("ft", "ft-l"):
+            from remedi.methods import finetune
+
+            hparams = finetune.FinetuneHyperParams(
+                layer=a.layer, eps=a.ft_eps if method == "ft-l" else None
+            )
+            if a.ft_lr is not None:
+                hparams.lr = a.ft_lr
+            if a.ft_steps is not None:
+                hparams.steps = a.ft_steps
+        elif method == "rome":
+            from remedi.methods import rome
+
+            hparams = rome_hparams(a)
+            layer = hparams.layer if hparams.layer is not None else rome.default_layer(self.lm)
+            layer_stats = self.stats([layer])
+            stats = None if layer_stats is None else layer_stats[layer]
+        elif method == "memit":
+            hparams = memit_hparams(a)
+            from remedi.methods import memit
+
+            stats = self.stats(list(hparams.layers or memit.default_layers(self.lm)))
+        return score_method(
+            self.lm,
+            method,
+            cases,
+            layer=layer,
+            stats=stats,
+            hparams=hparams,
+            memit_batch=a.memit_batch,
+            batch_size=a.batch_size,
+        )
+
+    def _remedi(self, cases: Sequence[EditCase]) -> MethodResult:
+        from lightning_modules.remedi_module import RemediModule, case_context, register_model
+        from remedi.editors.apply import attribute_states, metrics_context
+
+        register_model(self.lm, self.args.dtype)
+        module = RemediModule.load_from_checkpoint(
+            self.args.checkpoint,
+            map_location="cpu",
+            model=self.lm.spec,
+            model_dtype=self.args.dtype,
+        )
+        editor = module.editor.to(self.lm.device).eval()
+        entities, contexts = zip(*(case_context(c) for c in cases), strict=True)
+        start = time.perf_counter()
+        with torch.no_grad():
+            attributes = attribute_states(self.lm, module.layer, contexts, entities)
+        edit = metrics_context(self.lm, module.layer, editor, attributes)
+        seconds = [(time.perf_counter() - start) / len(cases)] * len(cases)
+        _, per_case = evaluate_cases(
+            self.lm.model, self.lm.tokenizer, cases, edit=edit, batch_size=self.args.batch_size
+        )
+        return MethodResult("remedi", per_case, seconds)
+
+
+def memit_hparams(args: argparse.Namespace) -> Any:
+    from remedi.methods import memit
+
+    hp = memit.MemitHyperParams()
+    if args.memit_layers:
+        hp.layers = tuple(args.memit_layers)
+    if args.memit_lambda is not None:
+        hp.mom2_weight = args.memit_lambda
+    for name in ("n_context", "clamp", "kl_weight", "weight_decay", "steps"):
+        if getattr(args, name) is not None:
+            setattr(hp, name, getattr(args, name))
+    return hp
+
+
+def rome_hparams(args: argparse.Namespace) -> Any:
+    from remedi.methods import rome
+
+    hp = rome.RomeHyperParams(layer=args.layer)
+    for name in ("n_context", "clamp", "kl_weight", "weight_decay", "steps"):
+        if getattr(args, name, None) is not None:
+            setattr(hp, name, getattr(args, name))
+    return hp
+
+
+def summary_row(
+    result: MethodResult, model: str, n_cases: int, summary: dict[str, float]
+) -> dict[str, Any]:
+    seconds = result.edit_seconds
+    return {
+        "method": result.method,
+        "model": model,
+        "n_cases": n_cases,
+        **{name: summary.get(name) for name in METRIC_NAMES},
+        "seconds_per_edit": statistics.median(seconds) if seconds else 0.0,
+        "seconds_per_edit_mean": statistics.fmean(seconds) if seconds else 0.0,
+    }
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    columns = ["method", "n_cases", *METRIC_NAMES, "seconds_per_edit"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for column in columns:
+            value = row.get(column)
+            cells.append(f"{value:.3f}" if isinstance(value, float) else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def evaluate(
+    lm: LoadedModel, methods: Sequence[str], cases: Sequence[EditCase], args: argparse.Namespace
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Run every method on ``cases``; return the summary rows and the per-case records."""
+    from remedi.metrics import summarize
+
+    runner = Runner(lm, args)
+    rows: list[dict[str, Any]] = []
+    records: list[dict[str, Any]] = []
+    for method in methods:
+        result = runner.run(method, cases)
+        rows.append(summary_row(result, lm.spec, len(cases), summarize(result.per_case)))
+        for i, (case, metrics) in enumerate(zip(cases, result.per_case, strict=True)):
+            record: dict[str, Any] = {
+                "method": method,
+                "case_id": case.case_id,
+                "subject": case.subject,
+                "target_true": case.target_true,
+                "target_new": case.target_new,
+                **metrics,
+            }
+            if result.edit_seconds:
+                record["seconds"] = result.edit_seconds[i]
+            records.append(record)
+    return rows, records
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    methods = list(dict.fromkeys(args.method))
+    problem = _check_args(args)
+    if problem:
+        return _fail(problem)
+    try:
+        cases = load_cases(args.data)
+    except (OSError, ValueError) as err:
+        return _fail(f"--data: {err}")
+    missing = [c.case_id for c in cases if c.target_new is None]
+    if missing:
+        return _fail(f"--data: case {missing[0]} has no target_new")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from remedi.models import load_model
+
+    try:
+        lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    except (OSError, ValueError) as err:
+        return _fail(f"--model: {err}")
+    for name, layers in (("--layer", [args.layer]), ("--memit-layers", args.memit_layers or [])):
+        bad = [x for x in layers if x is not None and not 0 <= x < lm.arch.num_layers]
+        if bad:
+            return _fail(f"{name} {bad[0]} is out of range (0..{lm.arch.num_layers - 1})")
+    if args.known_only:
+        cases = [cases[i] for i in known_cases(lm, cases, args.batch_size)]
+    if args.limit is not None:
+        cases = cases[: args.limit]
+    if not cases:
+        return _fail(f"--data: no cases left to evaluate in {args.data}")
+    rows, records = evaluate(lm, methods, cases, args)
+    write_atomic(args.output / "cases.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    summary: Any = rows[0] if len(rows) == 1 else rows
+    write_atomic(args.output / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_atomic(args.output / "summary.md", markdown_table(rows))
+    print(markdown_table(rows), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

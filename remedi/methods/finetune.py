@@ -1,0 +1,87 @@
+"""Fine-tuning baselines: FT and FT-L (L∞-constrained) of one MLP output projection.
+
+The weight is optimised with Adam on the new target's NLL after the rewrite prompt; FT-L clamps
+the change to ``[-eps, eps]`` elementwise after every step (ROME's baseline). Only the layers from
+the edited one up are recomputed each step.
+
+    with finetune.apply_edit(lm, request, FinetuneHyperParams(eps=5e-4)) as handle: ...
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from remedi.data import EditCase
+from remedi.methods.requests import EditRequest, as_request
+from remedi.methods.rome import ForwardTail, check_layer, default_layer
+from remedi.methods.weights import EditHandle, backup, param_name
+from remedi.models import LoadedModel
+from remedi.tokens import encode_continuations
+
+
+@dataclass
+class FinetuneHyperParams:
+    """``eps=None``: plain FT; a float: FT-L with that L∞ bound. ``layer=None``: ROME's default."""
+
+    layer: int | None = None
+    lr: float = 5e-4
+    steps: int = 25
+    eps: float | None = None
+    loss_threshold: float = 1e-2
+
+
+def apply_edit(
+    lm: LoadedModel,
+    request: EditRequest | EditCase,
+    hparams: FinetuneHyperParams | None = None,
+) -> EditHandle:
+    """Fine-tune the MLP output projection of one layer towards ``target_new``; restorable."""
+    start = time.perf_counter()
+    hp = hparams or FinetuneHyperParams()
+    req = as_request(request).validate()
+    layer = check_layer(lm, hp.layer if hp.layer is not None else default_layer(lm))
+    if hp.eps is not None and hp.eps <= 0:
+        raise ValueError(f"eps must be positive, got {hp.eps}")
+    param = lm.arch.mlp_out(layer).weight
+    assert isinstance(param, torch.nn.Parameter)
+    handle = backup(lm.model, [param_name(lm.model, param)])
+    original = handle.original(handle.names[0])
+
+    batch = encode_continuations(lm.tokenizer, [req.rewrite_prompt], [req.target_new])
+    rows, cols = batch.target_mask.nonzero(as_tuple=True)
+    positions = batch.target_positions()[rows, cols].to(lm.device)
+    targets = batch.target_ids[rows, cols].to(lm.device)
+    tail = ForwardTail(lm, layer, batch.input_ids, batch.attention_mask)
+    optimiser = torch.optim.Adam([param], lr=hp.lr)
+    losses: list[float] = []
+    param.requires_grad_(True)
+    try:
+        for _ in range(hp.steps):
+            optimiser.zero_grad()
+            logits = tail.logits_at(rows.to(lm.device), positions)
+            loss = torch.nn.functional.cross_entropy(logits, targets)
+            losses.append(float(loss.detach()))
+            if losses[-1] < hp.loss_threshold:
+                break
+            loss.backward()
+            optimiser.step()
+            if hp.eps is not None:
+                with torch.no_grad():
+                    param.copy_(torch.clamp(param, original - hp.eps, original + hp.eps))
+    except BaseException:
+        handle.restore()
+        raise
+    finally:
+        param.requires_grad_(False)
+        param.grad = None
+    handle.info.update(
+        method="ft-l" if hp.eps is not None else "ft",
+        layer=layer,
+        losses=losses,
+        hparams=asdict(hp),
+        seconds=time.perf_counter() - start,
+    )
+    return handle

@@ -1,0 +1,173 @@
+"""MEMIT: many facts written at once into the MLP output projections of a range of layers
+(Meng et al. 2022b).
+
+1. Per fact, optimise a residual δ added to the output of the last edited block at the last
+   subject token (the ROME objective, clamp 0.75 ‖z₀‖): the target hidden state z = z₀ + δ.
+2. For each edited layer in order: keys K (mean over context templates, current weights), the
+   remaining residual R = (z − z_current) / (layers left), and the least-squares update
+   ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹ in float64, which minimises ‖(W + ΔW) K − (W K + R)‖² + λ tr(ΔW C ΔWᵀ).
+
+As in ROME, keys and hidden states are means over the same templates throughout (recorded).
+
+    with memit.apply_edits(lm, requests, stats={l: C_l, ...}) as handle: ...
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from remedi.data import EditCase
+from remedi.hooks import Site
+from remedi.methods.requests import EditRequest, as_request
+from remedi.methods.rome import (
+    RomeHyperParams,
+    check_layer,
+    context_templates,
+    default_layer,
+    mlp_out_param,
+    optimise_delta,
+    subject_states,
+)
+from remedi.methods.second_moment import SecondMoment
+from remedi.methods.weights import EditHandle, backup, param_name
+from remedi.models import LoadedModel
+
+KNOWN_LAYERS: dict[tuple[str, int], tuple[int, ...]] = {
+    ("gptj", 28): (3, 4, 5, 6, 7, 8),
+    ("gpt2", 48): (13, 14, 15, 16, 17),
+}
+
+
+def default_layers(lm: LoadedModel) -> list[int]:
+    """GPT-J 3–8, GPT-2 XL 13–17; otherwise four layers ending at ROME's default layer."""
+    known = KNOWN_LAYERS.get((lm.arch.model_type, lm.arch.num_layers))
+    if known is not None:
+        return list(known)
+    last = default_layer(lm)
+    return list(range(max(0, last - 3), last + 1))
+
+
+@dataclass
+class MemitHyperParams:
+    """MEMIT settings; ``layers=None`` picks :func:`default_layers`."""
+
+    layers: tuple[int, ...] | None = None
+    n_context: int = 5
+    lr: float = 0.5
+    steps: int = 25
+    loss_threshold: float = 0.05
+    clamp: float = 0.75
+    kl_weight: float = 0.0625
+    weight_decay: float = 0.5
+    mom2_weight: float | None = None
+    """λ; None: 15,000 (GPT-J) scaled by mlp_hidden_size / 16,384 (GPT-J's width), which keeps a
+    typical key's kᵀ(λC)⁻¹k, i.e. how much of its residual one layer takes, as on GPT-J."""
+
+
+GPTJ_LAMBDA = 15_000.0
+GPTJ_MLP_WIDTH = 16_384
+
+
+def default_lambda(lm: LoadedModel) -> float:
+    """λ for ``lm``: GPT-J's 15,000 scaled by the MLP width (E[kᵀC⁻¹k] = width)."""
+    return GPTJ_LAMBDA * lm.arch.mlp_hidden_size / GPTJ_MLP_WIDTH
+
+
+def least_squares_update(
+    keys: torch.Tensor, residuals: torch.Tensor, second_moment: torch.Tensor, weight: float
+) -> torch.Tensor:
+    """ΔW ``[out, in]`` = R Kᵀ (λ C + K Kᵀ)⁻¹ for keys ``[n, in]`` and residuals ``[n, out]``."""
+    k = keys.to("cpu", torch.float64).T
+    r = residuals.to("cpu", torch.float64).T
+    system = weight * second_moment.to(torch.float64) + k @ k.T
+    return torch.linalg.solve(system, k @ r.T).T
+
+
+def _matrix(stats: SecondMoment | torch.Tensor | None, width: int) -> torch.Tensor:
+    if stats is None:
+        return torch.eye(width, dtype=torch.float64)
+    matrix = stats.matrix if isinstance(stats, SecondMoment) else stats
+    if matrix.shape != (width, width):
+        raise ValueError(f"stats have shape {tuple(matrix.shape)}, expected ({width}, {width})")
+    return matrix.to("cpu", torch.float64)
+
+
+def apply_edits(
+    lm: LoadedModel,
+    requests: Sequence[EditRequest | EditCase],
+    stats: Mapping[int, SecondMoment | torch.Tensor] | None = None,
+    hparams: MemitHyperParams | None = None,
+    progress: bool = True,
+) -> EditHandle:
+    """Write all ``requests`` at once; the handle restores every edited projection.
+
+    ``stats`` maps each edited layer to its second moment C (None: identity for all layers).
+    """
+    start = time.perf_counter()
+    hp = hparams or MemitHyperParams()
+    reqs = [as_request(r).validate(f"request {i}") for i, r in enumerate(requests)]
+    if not reqs:
+        raise ValueError("requests is empty")
+    layers = sorted({check_layer(lm, layer) for layer in (hp.layers or default_layers(lm))})
+    width = lm.arch.mlp_hidden_size
+    if stats is not None:
+        missing = [layer for layer in layers if layer not in stats]
+        if missing:
+            raise ValueError(f"stats lack layer(s) {missing}")
+    matrices = {layer: _matrix(None if stats is None else stats[layer], width) for layer in layers}
+    lam = hp.mom2_weight if hp.mom2_weight is not None else default_lambda(lm)
+    templates = context_templates(hp.n_context)
+    z_site = Site("block", layers[-1])
+    rome_hp = RomeHyperParams(
+        n_context=hp.n_context,
+        lr=hp.lr,
+        steps=hp.steps,
+        loss_threshold=hp.loss_threshold,
+        clamp=hp.clamp,
+        kl_weight=hp.kl_weight,
+        weight_decay=hp.weight_decay,
+    )
+
+    targets = []
+    steps = []
+    for req in tqdm(reqs, desc="memit: target states", disable=not progress):
+        result = optimise_delta(lm, z_site, req, templates, rome_hp)
+        z0 = subject_states(lm, [z_site], req, templates)[z_site]
+        targets.append(z0 + result.delta)
+        steps.append(result.steps)
+    target_z = torch.stack(targets)
+
+    names = [param_name(lm.model, mlp_out_param(lm, layer)) for layer in layers]
+    handle = backup(lm.model, names)
+    try:
+        for i, layer in enumerate(tqdm(layers, desc="memit: layers", disable=not progress)):
+            key_site = Site("mlp_in", layer)
+            keys, current = [], []
+            for req in reqs:
+                states = subject_states(lm, [key_site, z_site], req, templates)
+                keys.append(states[key_site])
+                current.append(states[z_site])
+            residuals = (target_z - torch.stack(current)) / (len(layers) - i)
+            update = least_squares_update(torch.stack(keys), residuals, matrices[layer], lam)
+            weight = lm.arch.mlp_out_weight(layer)
+            with torch.no_grad():
+                weight.add_(update.to(weight.device, weight.dtype))
+    except BaseException:
+        handle.restore()
+        raise
+    handle.info.update(
+        method="memit",
+        layers=layers,
+        n_requests=len(reqs),
+        mom2_weight=lam,
+        z_steps=steps,
+        hparams=asdict(hp),
+        whitened=stats is not None,
+        seconds=time.perf_counter() - start,
+    )
+    return handle

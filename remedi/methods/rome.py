@@ -1,0 +1,405 @@
+"""ROME: a rank-one update of one MLP output projection that rewrites one fact (Meng et al. 2022).
+
+    with rome.apply_edit(lm, request, stats=C, hparams=RomeHyperParams(layer=6)) as handle:
+        ...the LM now says request.target_new...
+
+Choices (recorded in ``handle.info``):
+- context templates are ``"{}"`` plus a fixed list of plain English prefixes
+  (:data:`CONTEXT_PREFIXES`), not text sampled from the LM (samples from small models are junk);
+- k* (the mean key over templates) is used both in the left vector and in the residual
+  ``v* − W k*`` (the r-ROME fix), so the updated weight maps k* exactly to v* = W k* + δ;
+- δ is optimised on the tokens from the last subject token on: the tokens before it are run once
+  into a KV cache, each step runs only the rest, with logits only at the scored positions.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from remedi.data import EditCase
+from remedi.hooks import Site, add_at, intervene
+from remedi.methods.requests import EditRequest, as_request
+from remedi.methods.second_moment import SecondMoment
+from remedi.methods.weights import EditHandle, backup, param_name
+from remedi.models import LoadedModel
+from remedi.tokens import encode_continuations, encode_prompts
+
+CONTEXT_PREFIXES: tuple[str, ...] = (
+    "The following is true.",
+    "Here is a fact.",
+    "I read this in a book.",
+    "My teacher told us this.",
+    "This is well known.",
+    "According to the encyclopedia,",
+    "As everyone in the town knows,",
+    "In a recent interview, the author said that",
+    "The news report from last week explained that",
+    "Students often learn early in school that",
+    "A short summary of the article:",
+    "From the history notes:",
+    "It is often said that",
+    "Quick question answered:",
+    "The guidebook states that",
+    "Our records show that",
+    "Many people know that",
+    "In the documentary it was mentioned that",
+    "One thing is certain.",
+    "To put it simply,",
+)
+"""Plain prefixes put before the rewrite prompt to average keys and values over contexts."""
+
+DEFAULT_LAYER_FRACTION = 0.2
+KNOWN_LAYERS: dict[tuple[str, int], int] = {
+    ("gptj", 28): 5,
+    ("gpt2", 48): 17,
+    ("gemma3_text", 18): 2,
+}
+"""Reference layers (GPT-J, GPT-2 XL); Gemma-3-270M measured with benchmarks/rome_sweep.py."""
+
+
+def default_layer(lm: LoadedModel) -> int:
+    """The reference layer for GPT-J / GPT-2 XL, else the measured fraction of the depth."""
+    arch = lm.arch
+    known = KNOWN_LAYERS.get((arch.model_type, arch.num_layers))
+    if known is not None:
+        return known
+    return min(arch.num_layers - 1, round(DEFAULT_LAYER_FRACTION * arch.num_layers))
+
+
+def context_templates(n_context: int) -> list[str]:
+    """``"{}"`` followed by ``n_context`` fixed prefixes (``"prefix {}"``)."""
+    if not 0 <= n_context <= len(CONTEXT_PREFIXES):
+        raise ValueError(f"n_context {n_context} must be in 0..{len(CONTEXT_PREFIXES)}")
+    return ["{}", *(f"{p} {{}}" for p in CONTEXT_PREFIXES[:n_context])]
+
+
+@dataclass
+class RomeHyperParams:
+    """ROME settings; ``layer=None`` picks :func:`default_layer`."""
+
+    layer: int | None = None
+    n_context: int = 5
+    lr: float = 0.5
+    steps: int = 10
+    loss_threshold: float = 0.05
+    clamp: float = 4.0
+    kl_weight: float = 0.0625
+    weight_decay: float = 0.5
+    kl_prompt: str = "{} is a"
+
+
+def mlp_out_param(lm: LoadedModel, layer: int) -> torch.Tensor:
+    weight = lm.arch.mlp_out(layer).weight
+    assert isinstance(weight, torch.Tensor)
+    return weight
+
+
+def check_layer(lm: LoadedModel, layer: int) -> int:
+    n = lm.arch.num_layers
+    if not 0 <= layer < n:
+        raise ValueError(f"layer {layer} is out of range for a model with {n} layers (0..{n - 1})")
+    return layer
+
+
+class ForwardTail:
+    """Run a fixed batch through blocks ``start..L-1`` only, reusing the states entering ``start``.
+
+    One full forward records each later block's call arguments (masks, position embeddings);
+    :meth:`logits_at` then recomputes only the tail (hooks placed with :func:`intervene` on its
+    modules still fire) and applies the final norm and unembedding at the wanted positions.
+    """
+
+    def __init__(
+        self, lm: LoadedModel, start: int, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ):
+        self.lm = lm
+        self.start = start
+        self.calls: list[tuple[nn.Module, tuple[Any, ...], dict[str, Any]]] = []
+        self.hidden: torch.Tensor | None = None
+        blocks = [lm.arch.block(j) for j in range(start, lm.arch.num_layers)]
+        handles = [
+            block.register_forward_pre_hook(self._recorder(block), with_kwargs=True)
+            for block in blocks
+        ]
+        try:
+            last = Site("block", lm.arch.num_layers - 1)
+            with torch.no_grad(), intervene(lm.arch, stop_after=last):
+                lm.model(
+                    input_ids=input_ids.to(lm.device),
+                    attention_mask=attention_mask.to(lm.device),
+                    use_cache=False,
+                )
+        finally:
+            for handle in handles:
+                handle.remove()
+        cap = getattr(lm.model.config, "final_logit_softcapping", None)
+        self.softcap: float | None = float(cap) if cap else None
+
+    def _recorder(self, block: nn.Module) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if args:
+                hidden, rest = args[0], args[1:]
+            else:
+                kwargs = dict(kwargs)
+                hidden, rest = kwargs.pop("hidden_states"), ()
+            if not self.calls:
+                self.hidden = hidden.detach()
+            self.calls.append((block, tuple(rest), dict(kwargs)))
+
+        return hook
+
+    def final_states(self) -> torch.Tensor:
+        """Output of the last block for the whole batch (run under the caller's hooks)."""
+        assert self.hidden is not None
+        hidden = self.hidden
+        for block, rest, kwargs in self.calls:
+            out = block(hidden, *rest, **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    def logits_at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Next-token logits ``[n, vocab]`` at ``(rows, cols)``, as the full model computes them."""
+        hidden = self.final_states()[rows, cols]
+        logits = self.lm.arch.unembed(self.lm.arch.final_norm(hidden[:, None]))[:, 0]
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits.float()
+
+
+class SuffixRun:
+    """Run rows whose tokens before ``split[i]`` never change, recomputing only the rest.
+
+    The rows are left-padded so that every ``split`` lands in one column S; the first S columns
+    run once into a KV cache, and each call runs only columns S.. on a copy of that cache
+    (edits at ``split`` touch nothing before it). Hooks placed with :func:`intervene` see the
+    suffix only: the edited position is column 0 of every row.
+    """
+
+    def __init__(self, lm: LoadedModel, rows: Sequence[torch.Tensor], split: Sequence[int]):
+        self.lm = lm
+        width = max(len(r) - s for r, s in zip(rows, split, strict=True))
+        self.split = max(split)
+        self.shift = torch.tensor([self.split - s for s in split])
+        n = len(rows)
+        ids = torch.full((n, self.split + width), lm.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, (row, shift) in enumerate(zip(rows, self.shift.tolist(), strict=True)):
+            ids[i, shift : shift + len(row)] = row
+            mask[i, shift : shift + len(row)] = 1
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        self.ids, self.mask, self.positions = (t.to(lm.device) for t in (ids, mask, positions))
+        self.cache = DynamicCache(config=lm.model.config)
+        last = Site("block", lm.arch.num_layers - 1)
+        with torch.no_grad(), intervene(lm.arch, stop_after=last):
+            lm.model(
+                input_ids=self.ids[:, : self.split],
+                attention_mask=self.mask[:, : self.split],
+                position_ids=self.positions[:, : self.split],
+                past_key_values=self.cache,
+                use_cache=True,
+            )
+        cap = getattr(lm.model.config, "final_logit_softcapping", None)
+        self.softcap: float | None = float(cap) if cap else None
+
+    def logits_at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """Next-token logits ``[n, vocab]`` at original positions ``(rows, cols)`` (≥ split)."""
+        last = Site("block", self.lm.arch.num_layers - 1)
+        with intervene(self.lm.arch, record=[last], stop_after=last) as states:
+            self.lm.model(
+                input_ids=self.ids[:, self.split :],
+                attention_mask=self.mask,
+                position_ids=self.positions[:, self.split :],
+                past_key_values=copy.deepcopy(self.cache),
+                use_cache=True,
+            )
+        local = cols + self.shift.to(cols.device)[rows] - self.split
+        hidden = states[last][rows, local]
+        logits = self.lm.arch.unembed(self.lm.arch.final_norm(hidden[:, None]))[:, 0]
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits.float()
+
+
+def subject_states(
+    lm: LoadedModel, sites: Sequence[Site], request: EditRequest, templates: Sequence[str]
+) -> dict[Site, torch.Tensor]:
+    """Mean over templates of each site's state at the last subject token (float32)."""
+    prompts = [t.replace("{}", request.rewrite_prompt) for t in templates]
+    batch = encode_prompts(lm.tokenizer, prompts, [request.subject] * len(prompts)).to(lm.device)
+    deepest = max(sites, key=_depth)
+    with torch.no_grad(), intervene(lm.arch, record=sites, stop_after=deepest) as states:
+        lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    rows = torch.arange(len(prompts), device=lm.device)
+    return {s: states[s][rows, batch.subject_last].float().mean(0) for s in sites}
+
+
+def subject_keys(
+    lm: LoadedModel, layers: Sequence[int], request: EditRequest, templates: Sequence[str]
+) -> dict[int, torch.Tensor]:
+    """k*: mean over templates of each layer's ``mlp_in`` state at the last subject token."""
+    states = subject_states(lm, [Site("mlp_in", layer) for layer in layers], request, templates)
+    return {site.layer: state for site, state in states.items()}
+
+
+def _depth(site: Site) -> tuple[int, int]:
+    """Order of sites within a forward pass: by layer, then mlp_in < mlp < block."""
+    return site.layer, {"attn": 0, "mlp_in": 1, "mlp": 2, "block": 3}[site.kind]
+
+
+@dataclass
+class DeltaResult:
+    """The optimised residual ``delta`` added at ``site``, and how the optimisation went."""
+
+    delta: torch.Tensor
+    init_norm: float
+    steps: int
+    losses: list[float]
+    target_prob: float
+
+
+def optimise_delta(
+    lm: LoadedModel,
+    site: Site,
+    request: EditRequest,
+    templates: Sequence[str],
+    hp: RomeHyperParams,
+) -> DeltaResult:
+    """Find δ added to ``site`` at the last subject token that makes the LM say the new target.
+
+    Loss = mean target NLL over the templated rewrite prompts + ``kl_weight`` · KL(p_δ ‖ p_0) of
+    the next token after the subject in ``kl_prompt`` + ``weight_decay`` · ‖δ‖ / ‖v₀‖²; Adam;
+    ‖δ‖ clamped to ``clamp`` · ‖v₀‖. It stops once NLL + KL term < ``loss_threshold`` (the
+    decay term is left out of the test: with a small ‖v₀‖, as on Gemma, it alone exceeds it).
+    """
+    tok = lm.tokenizer
+    prompts = [t.replace("{}", request.rewrite_prompt) for t in templates]
+    cont = encode_continuations(
+        tok, prompts, [request.target_new] * len(prompts), [request.subject] * len(prompts)
+    )
+    kl = encode_prompts(tok, [hp.kl_prompt.replace("{}", request.subject)], [request.subject])
+    n = len(prompts)
+    rows = [cont.input_ids[i, : int(cont.attention_mask[i].sum())] for i in range(n)]
+    rows.append(kl.input_ids[0, : int(kl.attention_mask[0].sum())])
+    assert cont.subject_spans is not None
+    subject_last = torch.tensor([s.last for s in cont.subject_spans] + [kl.subject_spans[0].last])
+
+    positions = cont.target_positions()
+    target_mask = cont.target_mask
+    nll_rows, nll_cols = target_mask.nonzero(as_tuple=True)
+    read_rows = torch.cat([nll_rows, torch.tensor([n])]).to(lm.device)
+    read_cols = torch.cat([positions[nll_rows, nll_cols], subject_last[n : n + 1]]).to(lm.device)
+    target_ids = cont.target_ids[nll_rows, nll_cols].to(lm.device)
+    weights = (1.0 / target_mask.sum(1).float())[nll_rows].to(lm.device) / n
+
+    run = SuffixRun(lm, rows, subject_last.tolist())
+    with torch.no_grad(), intervene(lm.arch, record=[site]) as st:
+        logits0 = run.logits_at(read_rows[-1:], read_cols[-1:])
+    kl_ref = torch.log_softmax(logits0, -1)
+    init = st[site][0, 0].float()
+    init_norm = float(init.norm())
+    max_norm = hp.clamp * init_norm
+
+    delta = torch.zeros(init.shape[0], device=lm.device, requires_grad=True)
+    optimiser = torch.optim.Adam([delta], lr=hp.lr)
+    edit_positions = torch.zeros(len(rows), dtype=torch.long, device=lm.device)
+    losses: list[float] = []
+    target_prob = 0.0
+    step = 0
+    for step in range(1, hp.steps + 1):
+        optimiser.zero_grad()
+        with intervene(lm.arch, edit={site: add_at(edit_positions, delta)}):
+            logits = run.logits_at(read_rows, read_cols)
+        logprobs = torch.log_softmax(logits, -1)
+        token_lp = logprobs[:-1].gather(1, target_ids[:, None])[:, 0]
+        nll = -(token_lp * weights).sum()
+        kl_div = (logprobs[-1].exp() * (logprobs[-1] - kl_ref[0])).sum()
+        decay = delta.norm() / init_norm**2
+        loss = nll + hp.kl_weight * kl_div + hp.weight_decay * decay
+        losses.append(float(loss.detach()))
+        target_prob = math.exp(-float(nll.detach()))
+        fit = float((nll + hp.kl_weight * kl_div).detach())
+        if fit < hp.loss_threshold or step == hp.steps:
+            break
+        loss.backward()
+        optimiser.step()
+        with torch.no_grad():
+            norm = delta.norm()
+            if norm > max_norm:
+                delta.mul_(max_norm / norm)
+    return DeltaResult(delta.detach(), init_norm, step, losses, target_prob)
+
+
+def _second_moment(stats: SecondMoment | torch.Tensor | None, width: int) -> torch.Tensor:
+    if stats is None:
+        return torch.eye(width, dtype=torch.float64)
+    matrix = stats.matrix if isinstance(stats, SecondMoment) else stats
+    if matrix.shape != (width, width):
+        raise ValueError(f"stats have shape {tuple(matrix.shape)}, expected ({width}, {width})")
+    return matrix.to("cpu", torch.float64)
+
+
+def rank_one_update(
+    weight: torch.Tensor, key: torch.Tensor, delta: torch.Tensor, second_moment: torch.Tensor
+) -> torch.Tensor:
+    """ΔW ([out, in]) with (W + ΔW) k* = W k* + δ, whitened by C: δ (C⁻¹k*)ᵀ / (k*ᵀ C⁻¹ k*)."""
+    k = key.to("cpu", torch.float64)
+    left = torch.linalg.solve(second_moment, k)
+    update = torch.outer(delta.to("cpu", torch.float64), left) / torch.dot(k, left)
+    return update.to(weight.device, weight.dtype)
+
+
+def apply_edit(
+    lm: LoadedModel,
+    request: EditRequest | EditCase,
+    layer: int | None = None,
+    stats: SecondMoment | torch.Tensor | None = None,
+    hparams: RomeHyperParams | None = None,
+) -> EditHandle:
+    """Rewrite one fact with ROME; the returned handle restores the original weight.
+
+    ``stats`` is the layer's second moment C (None: identity, an unwhitened rank-one update).
+    ``layer`` overrides ``hparams.layer``.
+    """
+    start = time.perf_counter()
+    hp = hparams or RomeHyperParams()
+    req = as_request(request).validate()
+    chosen = layer if layer is not None else hp.layer
+    layer = check_layer(lm, chosen if chosen is not None else default_layer(lm))
+    width = lm.arch.mlp_hidden_size
+    second_moment = _second_moment(stats, width)
+    templates = context_templates(hp.n_context)
+
+    key = subject_keys(lm, [layer], req, templates)[layer]
+    result = optimise_delta(lm, Site("mlp", layer), req, templates, hp)
+    weight = lm.arch.mlp_out_weight(layer)
+    update = rank_one_update(weight, key, result.delta, second_moment)
+    handle = backup(lm.model, [param_name(lm.model, mlp_out_param(lm, layer))])
+    with torch.no_grad():
+        value = weight.detach().float() @ key + result.delta
+        weight.add_(update)
+    handle.info.update(
+        method="rome",
+        layer=layer,
+        key=key.detach().cpu(),
+        value=value.detach().cpu(),
+        delta_norm=float(result.delta.norm()),
+        init_norm=result.init_norm,
+        steps=result.steps,
+        losses=result.losses,
+        target_prob=result.target_prob,
+        templates=templates,
+        key_choice="k* (mean over templates) in both vectors (r-ROME)",
+        whitened=stats is not None,
+        hparams=asdict(hp),
+        seconds=time.perf_counter() - start,
+    )
+    return handle

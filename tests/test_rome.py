@@ -1,0 +1,113 @@
+"""ROME on tiny random models (tail forward, rank-one algebra, reversibility) and one slow
+check on the default model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import MODEL_TYPES, tiny_model
+
+from remedi.data import EditCase
+from remedi.methods import rome
+from remedi.methods.requests import EditRequest
+from remedi.metrics import evaluate_cases
+from remedi.models import LoadedModel
+
+REQUEST = EditRequest("{} is located in", "The Eiffel Tower", "Japan")
+FAST = rome.RomeHyperParams(layer=1, n_context=3, steps=6, lr=0.01, weight_decay=0.0)
+
+
+def _params(lm: LoadedModel) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_tail_logits_match_full_forward(model_type: str) -> None:
+    lm = tiny_model(model_type)
+    ids = torch.randint(3, 300, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        full = lm.model(input_ids=ids, attention_mask=mask).logits
+        tail = rome.ForwardTail(lm, 1, ids, mask)
+        rows, cols = torch.tensor([0, 0, 1]), torch.tensor([2, 6, 4])
+        torch.testing.assert_close(tail.logits_at(rows, cols), full[rows, cols])
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_suffix_run_logits_match_full_forward(model_type: str) -> None:
+    lm = tiny_model(model_type)
+    rows = [torch.randint(3, 300, (n,)) for n in (7, 4, 9)]
+    split = [3, 1, 5]
+    with torch.no_grad():
+        run = rome.SuffixRun(lm, rows, split)
+        for i, row in enumerate(rows):
+            full = lm.model(input_ids=row[None]).logits[0]
+            cols = torch.arange(split[i], len(row))
+            got = run.logits_at(torch.full_like(cols, i), cols)
+            torch.testing.assert_close(got, full[cols], rtol=1e-4, atol=1e-4)
+
+
+def test_rank_one_update_maps_key_to_value() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(6, 10)
+    a = torch.randn(10, 40, dtype=torch.float64)
+    c = a @ a.T / 40
+    key, delta = torch.randn(10), torch.randn(6)
+    update = rome.rank_one_update(weight, key, delta, c)
+    torch.testing.assert_close((weight + update) @ key, weight @ key + delta)
+    assert torch.linalg.matrix_rank(update.double(), rtol=1e-5) == 1
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "gptj", "gemma3_text"])
+def test_edit_maps_key_to_value_and_restores_bitwise(model_type: str) -> None:
+    lm = tiny_model(model_type)
+    before = _params(lm)
+    width = lm.arch.mlp_hidden_size
+    a = torch.randn(width, 4 * width, dtype=torch.float64)
+    handle = rome.apply_edit(lm, REQUEST, stats=a @ a.T / (4 * width), hparams=FAST)
+    key, value = handle.info["key"], handle.info["value"]
+    assert isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor)
+    weight = lm.arch.mlp_out_weight(1).detach()
+    torch.testing.assert_close(weight @ key, value, rtol=1e-4, atol=1e-4)
+    losses = handle.info["losses"]
+    assert isinstance(losses, list) and losses[-1] < losses[0]
+    changed = [n for n, p in lm.model.named_parameters() if not torch.equal(p, before[n])]
+    assert changed == handle.names
+    handle.restore()
+    assert all(torch.equal(p, before[n]) for n, p in lm.model.named_parameters())
+
+
+def test_edit_accepts_cases_and_rejects_bad_input() -> None:
+    lm = tiny_model("gpt2")
+    case = EditCase(0, "Toyota", "{} makes", "cars", "phones")
+    with rome.apply_edit(lm, case, hparams=rome.RomeHyperParams(layer=0, n_context=1, steps=2)):
+        pass
+    with pytest.raises(ValueError, match="layer 7 is out of range"):
+        rome.apply_edit(lm, REQUEST, layer=7)
+    with pytest.raises(ValueError, match="target_new is empty"):
+        rome.apply_edit(lm, EditRequest("{} is in", "Paris", " "))
+    with pytest.raises(ValueError, match="exactly one"):
+        rome.apply_edit(lm, EditRequest("Paris is in", "Paris", "Spain"))
+
+
+@pytest.mark.slow
+def test_rome_flips_a_known_fact_on_the_default_model(gemma: LoadedModel) -> None:
+    """Without corpus statistics (identity C) the fact and a paraphrase flip. Neighbours are not
+    checked: an unwhitened update also moves other companies (see the report's measurements,
+    which use corpus statistics)."""
+    case = EditCase(
+        0,
+        "Toyota",
+        "{} is headquartered in",
+        "Japan",
+        "Germany",
+        paraphrase_prompts=["Toyota's head office is located in"],
+    )
+    _, before = evaluate_cases(gemma.model, gemma.tokenizer, [case])
+    assert before[0]["efficacy_score"] == 0.0
+    with rome.apply_edit(gemma, case) as handle:
+        _, per_case = evaluate_cases(gemma.model, gemma.tokenizer, [case])
+    assert handle.restored
+    assert per_case[0]["efficacy_score"] == 1.0
+    assert per_case[0]["paraphrase_score"] == 1.0

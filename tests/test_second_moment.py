@@ -1,0 +1,78 @@
+"""Second-moment statistics: exact accumulation, caching and cache keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from remedi.hooks import Site, intervene
+from remedi.methods import second_moment
+
+
+@pytest.fixture
+def corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("REMEDI_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "corpus.txt"
+    path.write_text(
+        "The Eiffel Tower is in Paris.\n\nToyota makes cars in Japan.\n"
+        "Berlin is the capital of Germany.\nApple makes the iPhone.\n" * 4
+    )
+    return path
+
+
+def test_matches_direct_computation(corpus: Path) -> None:
+    lm = tiny_model("gpt2")
+    stats = second_moment.collect(lm, [0, 2], corpus, n_tokens=120, chunk_len=16, progress=False)
+    keys = {0: [], 2: []}
+    for ids, skip in second_moment.token_chunks(lm, corpus, 120, 16):
+        sites = [Site("mlp_in", 0), Site("mlp_in", 2)]
+        with torch.no_grad(), intervene(lm.arch, record=sites) as states:
+            lm.model(input_ids=ids)
+        for site in sites:
+            keys[site.layer].append(states[site][0, skip:].double())
+    for layer in (0, 2):
+        k = torch.cat(keys[layer])
+        assert stats[layer].n_tokens == len(k) == 120
+        width = lm.arch.mlp_hidden_size
+        assert stats[layer].matrix.shape == (width, width)
+        assert stats[layer].matrix.dtype == torch.float64
+        torch.testing.assert_close(stats[layer].matrix, k.T @ k / len(k))
+
+
+def test_second_call_loads_from_cache(corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lm = tiny_model("llama")
+    first = second_moment.collect(lm, [1], corpus, n_tokens=60, chunk_len=16, progress=False)
+    assert not first[1].from_cache
+    assert second_moment.cache_path(lm, 1, corpus, 60, 16).is_file()
+
+    def no_forward(*_: object, **__: object) -> None:
+        raise AssertionError("the model ran although the statistics were cached")
+
+    monkeypatch.setattr(lm.model, "forward", no_forward)
+    second = second_moment.collect(lm, [1], corpus, n_tokens=60, chunk_len=16, progress=False)
+    assert second[1].from_cache
+    assert torch.equal(first[1].matrix, second[1].matrix)
+
+
+def test_cache_key_changes_with_layer_corpus_and_tokens(corpus: Path) -> None:
+    lm = tiny_model("gpt2")
+    base = second_moment.cache_path(lm, 1, corpus, 100)
+    assert second_moment.cache_path(lm, 2, corpus, 100) != base
+    assert second_moment.cache_path(lm, 1, corpus, 200) != base
+    corpus.write_text(corpus.read_text() + "One more line.\n")
+    assert second_moment.cache_path(lm, 1, corpus, 100) != base
+
+
+def test_bos_is_prepended_and_skipped(corpus: Path) -> None:
+    lm = tiny_model("gpt2", with_bos=True)
+    ids, skip = next(second_moment.token_chunks(lm, corpus, 50, 16))
+    assert skip == 1 and int(ids[0, 0]) == lm.tokenizer.bos_token_id and ids.shape[1] == 16
+
+
+def test_bad_corpus_is_a_clear_error(tmp_path: Path) -> None:
+    lm = tiny_model("gpt2")
+    with pytest.raises(FileNotFoundError, match="corpus"):
+        second_moment.collect(lm, [0], tmp_path / "missing.txt", n_tokens=10)
