@@ -31,7 +31,6 @@ from remedi.editors import (
     TargetTokens,
     attribute_states,
     build_editor,
-    check_layer,
     generate_edited,
     metrics_context,
     remedi_loss,
@@ -133,7 +132,7 @@ class RemediModule(L.LightningModule):
         if scoring not in ("mean", "first"):
             raise ValueError(f"scoring {scoring!r} must be 'mean' or 'first'")
         self._lm = shared_model(model, model_dtype)
-        self.layer = check_layer(self._lm, layer)
+        self.layer = self._lm.arch.check_layer(layer)
         self.editor: Editor = build_editor(editor, self._lm.arch.hidden_size, rank, mlp_width)
         self.weights = LossWeights(lambda_m, lambda_u, lambda_kl, lambda_norm, lambda_essence)
         self.val_metrics = self._make_metrics()

@@ -117,8 +117,8 @@ def apply(lm: LoadedModel, args: argparse.Namespace, requests: Sequence[EditRequ
         from remedi.methods import rome
 
         hp = rome.RomeHyperParams(layer=args.layer)
-        layer = rome.check_layer(
-            lm, args.layer if args.layer is not None else rome.default_layer(lm)
+        layer = lm.arch.check_layer(
+            args.layer if args.layer is not None else rome.default_layer(lm)
         )
         stats = None
         if not args.no_stats:

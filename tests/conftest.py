@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import cache
 
 import pytest
@@ -35,9 +35,6 @@ CORPUS = [
     "Apple makes the iPhone, and Microsoft makes Windows.",
 ] * 20
 
-# Tiny models are far faster on one thread than fighting over two; `gemma` raises it again.
-torch.set_num_threads(1)
-
 VOCAB = 320
 HIDDEN = 32
 LAYERS = 3
@@ -65,6 +62,15 @@ def _tokenizer(with_bos: bool) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>"
     )
+
+
+@pytest.fixture(autouse=True)
+def _threads(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Tiny models run fastest on one thread; tests of the real model get every core."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1 if "gemma" in request.fixturenames else 1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(params=[False, True], ids=["plain", "bos"])
@@ -136,5 +142,4 @@ def gemma() -> LoadedModel:
     """The real default model (slow: dequantises once, ~40 s, then loads from cache)."""
     from remedi.models import load_model
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     return load_model()

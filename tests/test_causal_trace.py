@@ -4,7 +4,6 @@ reference, and the real model's clean/corrupted gap."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -15,15 +14,6 @@ from remedi.methods import causal_trace as ct
 
 PROMPT = "The Eiffel Tower is located in Paris"
 SUBJECT = "Eiffel Tower"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread (no contention with other jobs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _hooks(model: torch.nn.Module) -> int:

@@ -3,8 +3,6 @@ reversible suppress / amplify / update / erase."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from conftest import MODEL_TYPES, tiny_model
@@ -16,15 +14,6 @@ from remedi.methods.knowledge_neurons import Neuron
 
 PROMPT = "The Eiffel Tower is located in"
 TARGET = "Paris"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread (no contention with other jobs)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _reference_attribution(lm, prompt: str, target: str, layer: int, steps: int) -> torch.Tensor:

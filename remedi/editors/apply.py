@@ -22,14 +22,6 @@ from remedi.models import LoadedModel
 from remedi.tokens import ContinuationBatch, encode_continuations, encode_prompts
 
 
-def check_layer(lm: LoadedModel, layer: int) -> int:
-    """``layer`` if it is a valid block index of ``lm``; otherwise a one-line error."""
-    n = lm.arch.num_layers
-    if not 0 <= layer < n:
-        raise ValueError(f"layer {layer} is out of range for {lm.spec} (valid: 0..{n - 1})")
-    return layer
-
-
 @torch.no_grad()
 def attribute_states(
     lm: LoadedModel,
@@ -43,7 +35,7 @@ def attribute_states(
     The attribute is the context text after the entity's (first) mention, e.g. ``" is in Asia"``
     in ``"Poland is in Asia"``; only blocks ``0..layer`` run.
     """
-    check_layer(lm, layer)
+    lm.arch.check_layer(layer)
     site = Site("block", layer)
     out: list[torch.Tensor] = []
     for start in range(0, len(contexts), batch_size):
@@ -105,7 +97,7 @@ def apply_direction(
 ) -> AbstractContextManager[dict[Site, torch.Tensor]]:
     """Context manager under which ``lm`` adds ``directions`` to block ``layer`` at ``positions``
     (with ``prompt_pass_only``, only on the prompt pass of ``generate``)."""
-    edit = {Site("block", check_layer(lm, layer)): add_at(positions, directions)}
+    edit = {Site("block", lm.arch.check_layer(layer)): add_at(positions, directions)}
     return intervene(lm.arch, edit=edit, prompt_pass_only=prompt_pass_only)
 
 
@@ -121,7 +113,7 @@ def apply_editor(
     """Like :func:`apply_direction`, with the direction computed by ``editor`` from
     ``attribute`` (and the entity state for editors that use it)."""
     edit = {
-        Site("block", check_layer(lm, layer)): editor_edit(editor, attribute, positions, record)
+        Site("block", lm.arch.check_layer(layer)): editor_edit(editor, attribute, positions, record)
     }
     return intervene(lm.arch, edit=edit, prompt_pass_only=prompt_pass_only)
 

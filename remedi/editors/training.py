@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from remedi.data import EditCase
-from remedi.editors.apply import DirectionRecord, apply_editor, check_layer
+from remedi.editors.apply import DirectionRecord, apply_editor
 from remedi.editors.modules import Editor
 from remedi.models import LoadedModel
 from remedi.tokens import (
@@ -121,7 +121,7 @@ def remedi_loss(
 ) -> dict[str, torch.Tensor]:
     """Loss terms for one batch; ``attribute`` is ``[batch, hidden]`` from
     :func:`~remedi.editors.apply.attribute_states`. Returns ``loss`` and each term."""
-    check_layer(lm, layer)
+    lm.arch.check_layer(layer)
     w = weights or LossWeights()
     tok, device = lm.tokenizer, lm.device
     n = len(examples)

@@ -284,9 +284,7 @@ def trace(
             corrupted_logits = next_token_logits(lm, input_ids.expand(samples, -1))
         corrupted_prob = float(torch.softmax(corrupted_logits.float(), dim=-1)[:, target_id].mean())
 
-        chosen_layers = (
-            range(n_layers) if layers is None else [arch._check_layer(x) for x in layers]
-        )
+        chosen_layers = range(n_layers) if layers is None else [arch.check_layer(x) for x in layers]
         chosen_tokens = (
             range(n_tokens) if tokens is None else sorted({t % n_tokens for t in tokens})
         )

@@ -16,7 +16,7 @@ import torch
 
 from remedi.data import EditCase
 from remedi.methods.requests import EditRequest, as_request
-from remedi.methods.rome import ForwardTail, check_layer, default_layer
+from remedi.methods.rome import ForwardTail, default_layer
 from remedi.methods.weights import EditHandle, backup, param_name
 from remedi.models import LoadedModel
 from remedi.tokens import encode_continuations
@@ -42,7 +42,7 @@ def apply_edit(
     start = time.perf_counter()
     hp = hparams or FinetuneHyperParams()
     req = as_request(request).validate()
-    layer = check_layer(lm, hp.layer if hp.layer is not None else default_layer(lm))
+    layer = lm.arch.check_layer(hp.layer if hp.layer is not None else default_layer(lm))
     if hp.eps is not None and hp.eps <= 0:
         raise ValueError(f"eps must be positive, got {hp.eps}")
     param = lm.arch.mlp_out(layer).weight

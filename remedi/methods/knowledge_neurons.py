@@ -99,7 +99,7 @@ def attribute(
         raise ValueError(f"steps must be >= 1, got {steps}")
     arch = lm.arch
     chosen = (
-        list(range(arch.num_layers)) if layers is None else [arch._check_layer(x) for x in layers]
+        list(range(arch.num_layers)) if layers is None else [arch.check_layer(x) for x in layers]
     )
     ids, target_id = _prompt_and_target(lm, prompt, target)
     cache = prefix_cache(lm, ids[:, :-1]) if ids.shape[1] > 1 else None

@@ -26,14 +26,13 @@ from remedi.hooks import Site
 from remedi.methods.requests import EditRequest, as_request
 from remedi.methods.rome import (
     RomeHyperParams,
-    check_layer,
     context_templates,
     default_layer,
     mlp_out_param,
     optimise_delta,
     subject_states,
 )
-from remedi.methods.second_moment import SecondMoment
+from remedi.methods.second_moment import SecondMoment, as_matrix
 from remedi.methods.weights import EditHandle, backup, param_name
 from remedi.models import LoadedModel
 
@@ -88,15 +87,6 @@ def least_squares_update(
     return torch.linalg.solve(system, k @ r.T).T
 
 
-def _matrix(stats: SecondMoment | torch.Tensor | None, width: int) -> torch.Tensor:
-    if stats is None:
-        return torch.eye(width, dtype=torch.float64)
-    matrix = stats.matrix if isinstance(stats, SecondMoment) else stats
-    if matrix.shape != (width, width):
-        raise ValueError(f"stats have shape {tuple(matrix.shape)}, expected ({width}, {width})")
-    return matrix.to("cpu", torch.float64)
-
-
 def apply_edits(
     lm: LoadedModel,
     requests: Sequence[EditRequest | EditCase],
@@ -113,13 +103,15 @@ def apply_edits(
     reqs = [as_request(r).validate(f"request {i}") for i, r in enumerate(requests)]
     if not reqs:
         raise ValueError("requests is empty")
-    layers = sorted({check_layer(lm, layer) for layer in (hp.layers or default_layers(lm))})
+    layers = sorted({lm.arch.check_layer(layer) for layer in (hp.layers or default_layers(lm))})
     width = lm.arch.mlp_hidden_size
     if stats is not None:
         missing = [layer for layer in layers if layer not in stats]
         if missing:
             raise ValueError(f"stats lack layer(s) {missing}")
-    matrices = {layer: _matrix(None if stats is None else stats[layer], width) for layer in layers}
+    matrices = {
+        layer: as_matrix(None if stats is None else stats[layer], width) for layer in layers
+    }
     lam = hp.mom2_weight if hp.mom2_weight is not None else default_lambda(lm)
     templates = context_templates(hp.n_context)
     z_site = Site("block", layers[-1])

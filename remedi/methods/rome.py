@@ -28,7 +28,7 @@ from transformers import DynamicCache
 from remedi.data import EditCase
 from remedi.hooks import Site, add_at, intervene
 from remedi.methods.requests import EditRequest, as_request
-from remedi.methods.second_moment import SecondMoment
+from remedi.methods.second_moment import SecondMoment, as_matrix
 from remedi.methods.weights import EditHandle, backup, param_name
 from remedi.models import LoadedModel
 from remedi.tokens import encode_continuations, encode_prompts
@@ -101,13 +101,6 @@ def mlp_out_param(lm: LoadedModel, layer: int) -> torch.Tensor:
     weight = lm.arch.mlp_out(layer).weight
     assert isinstance(weight, torch.Tensor)
     return weight
-
-
-def check_layer(lm: LoadedModel, layer: int) -> int:
-    n = lm.arch.num_layers
-    if not 0 <= layer < n:
-        raise ValueError(f"layer {layer} is out of range for a model with {n} layers (0..{n - 1})")
-    return layer
 
 
 class ForwardTail:
@@ -338,15 +331,6 @@ def optimise_delta(
     return DeltaResult(delta.detach(), init_norm, step, losses, target_prob)
 
 
-def _second_moment(stats: SecondMoment | torch.Tensor | None, width: int) -> torch.Tensor:
-    if stats is None:
-        return torch.eye(width, dtype=torch.float64)
-    matrix = stats.matrix if isinstance(stats, SecondMoment) else stats
-    if matrix.shape != (width, width):
-        raise ValueError(f"stats have shape {tuple(matrix.shape)}, expected ({width}, {width})")
-    return matrix.to("cpu", torch.float64)
-
-
 def rank_one_update(
     weight: torch.Tensor, key: torch.Tensor, delta: torch.Tensor, second_moment: torch.Tensor
 ) -> torch.Tensor:
@@ -373,9 +357,9 @@ def apply_edit(
     hp = hparams or RomeHyperParams()
     req = as_request(request).validate()
     chosen = layer if layer is not None else hp.layer
-    layer = check_layer(lm, chosen if chosen is not None else default_layer(lm))
+    layer = lm.arch.check_layer(chosen if chosen is not None else default_layer(lm))
     width = lm.arch.mlp_hidden_size
-    second_moment = _second_moment(stats, width)
+    second_moment = as_matrix(stats, width)
     templates = context_templates(hp.n_context)
 
     key = subject_keys(lm, [layer], req, templates)[layer]

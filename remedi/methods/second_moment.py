@@ -247,3 +247,13 @@ def collect(
             _save(paths[layer], stats)
         result[layer] = stats
     return result
+
+
+def as_matrix(stats: SecondMoment | torch.Tensor | None, width: int) -> torch.Tensor:
+    """The float64 CPU matrix C of ``stats`` (None: the identity), checked to be width × width."""
+    if stats is None:
+        return torch.eye(width, dtype=torch.float64)
+    matrix = stats.matrix if isinstance(stats, SecondMoment) else stats
+    if matrix.shape != (width, width):
+        raise ValueError(f"stats have shape {tuple(matrix.shape)}, expected ({width}, {width})")
+    return matrix.to("cpu", torch.float64)

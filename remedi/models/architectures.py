@@ -160,7 +160,9 @@ class Arch:
             f"mlp_hidden={self.mlp_hidden_size})"
         )
 
-    def _check_layer(self, layer: int) -> int:
+    def check_layer(self, layer: int) -> int:
+        """``layer`` as an index in ``0..num_layers-1`` (negative counts from the end), or a
+        one-line error naming it."""
         if not -self.num_layers <= layer < self.num_layers:
             raise ValueError(
                 f"layer {layer} is out of range for {self.model_type} with "
@@ -175,7 +177,7 @@ class Arch:
             return str(getattr(s, kind))
         if layer is None:
             raise ValueError(f"module kind {kind!r} needs a layer")
-        block = f"{s.layers}.{self._check_layer(layer)}"
+        block = f"{s.layers}.{self.check_layer(layer)}"
         if kind == "block":
             return block
         if kind in ("attn", "mlp", "mlp_out"):
