@@ -34,7 +34,7 @@ class LoadReport:
     skipped: list[CaseError]
 
 
-def _template(case_id: object, prompt: str, subject: str) -> str:
+def template_for(case_id: object, prompt: str, subject: str) -> str:
     """Turn a prompt that contains the subject into a template with ``{}`` at its first mention."""
     if "{}" in prompt:
         return prompt
@@ -67,7 +67,7 @@ def _from_rome(rec: dict[str, Any]) -> EditCase:
     return EditCase(
         case_id=cid if cid is not None else -1,
         subject=subject,
-        prompt=_template(cid, str(rw.get("prompt", "")), subject),
+        prompt=template_for(cid, str(rw.get("prompt", "")), subject),
         target_true=_str_of(rw.get("target_true")),
         target_new=_str_of(rw.get("target_new")),
         relation_id=str(rw.get("relation_id", "")),
@@ -91,7 +91,7 @@ def _from_mend(rec: dict[str, Any]) -> EditCase:
     return EditCase(
         case_id=cid if cid is not None else -1,
         subject=subject,
-        prompt=_template(cid, str(rec.get("prompt", "")), subject),
+        prompt=template_for(cid, str(rec.get("prompt", "")), subject),
         target_true=truth,
         target_new=_str_of(rec.get("target_new")),
         relation_id=str(rec.get("relation_id", "")),
@@ -108,7 +108,7 @@ def _from_zsre_mend(rec: dict[str, Any]) -> EditCase:
     return EditCase(
         case_id=cid if cid is not None else -1,
         subject=subject,
-        prompt=_template(cid, str(rec.get("src", "")), subject),
+        prompt=template_for(cid, str(rec.get("src", "")), subject),
         target_true=answers[0] if answers else str(rec.get("pred", "")),
         target_new=str(rec.get("alt", "")),
         paraphrase_prompts=_as_list(rec.get("rephrase")),
@@ -124,7 +124,7 @@ def _from_known(rec: dict[str, Any]) -> EditCase:
     return EditCase(
         case_id=cid if cid is not None else -1,
         subject=subject,
-        prompt=_template(cid, prompt, subject),
+        prompt=template_for(cid, prompt, subject),
         target_true=str(rec.get("attribute", "")),
         target_new=None,
         relation_id=str(rec.get("relation_id", "")),
@@ -150,7 +150,8 @@ def detect_layout(record: dict[str, Any]) -> str:
     )
 
 
-def _read_records(path: Path) -> list[dict[str, Any]]:
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a `.json` file (a list, or `{"records": [...]}`) or a `.jsonl` file."""
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     text = path.read_text(encoding="utf-8")
@@ -205,7 +206,7 @@ def parse_records(
 def read_cases(path: str | Path, on_error: OnError = "raise") -> tuple[list[EditCase], LoadReport]:
     """Read a JSON/JSONL file in any supported layout; also return what was skipped."""
     path = Path(path)
-    return parse_records(_read_records(path), on_error=on_error, source=str(path))
+    return parse_records(read_records(path), on_error=on_error, source=str(path))
 
 
 def load_cases(path: str | Path, on_error: OnError = "raise") -> list[EditCase]:

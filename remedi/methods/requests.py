@@ -7,12 +7,12 @@ the subject goes or contains the subject) or records of any layout :mod:`remedi.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from remedi.data import EditCase, parse_records
+from remedi.data.readers import read_records, template_for
 
 
 @dataclass(frozen=True)
@@ -47,14 +47,6 @@ def as_request(item: EditRequest | EditCase) -> EditRequest:
     return EditRequest(item.prompt, item.subject, item.target_new, item.target_true)
 
 
-def _template(prompt: str, subject: str, where: str) -> str:
-    if "{}" in prompt:
-        return prompt
-    if not subject or subject not in prompt:
-        raise ValueError(f"{where}: subject {subject!r} does not occur in prompt {prompt!r}")
-    return prompt.replace(subject, "{}", 1)
-
-
 def parse_request(record: dict[str, Any], where: str = "request") -> EditRequest:
     """A ``{prompt, subject, target_new[, target_true]}`` object; targets: str or {"str": …}."""
     missing = [key for key in ("prompt", "subject", "target_new") if key not in record]
@@ -67,35 +59,19 @@ def parse_request(record: dict[str, Any], where: str = "request") -> EditRequest
     subject = text(record["subject"])
     true = record.get("target_true", record.get("ground_truth"))
     return EditRequest(
-        prompt=_template(text(record["prompt"]), subject, where),
+        prompt=template_for(where, text(record["prompt"]), subject),
         subject=subject,
         target_new=text(record["target_new"]),
         target_true=None if true is None else text(true),
     ).validate(where)
 
 
-def _records(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"requests: file not found: {path}")
-    raw = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix == ".jsonl":
-            data: Any = [json.loads(line) for line in raw.splitlines() if line.strip()]
-        else:
-            data = json.loads(raw)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"requests: {path} is not valid JSON: {err}") from None
-    if isinstance(data, dict):
-        data = data.get("records", [data])
-    if not isinstance(data, list) or not data or not all(isinstance(r, dict) for r in data):
-        raise ValueError(f"requests: {path} must hold a non-empty list of JSON objects")
-    return data
-
-
 def load_requests(path: str | Path) -> list[EditRequest]:
     """Read requests from a JSON/JSONL file of plain requests or of edit-case records."""
     path = Path(path)
-    records = _records(path)
+    records = read_records(path)
+    if not records:
+        raise ValueError(f"requests: {path} holds no requests")
     if {"prompt", "subject", "target_new"} <= records[0].keys() and "rephrase_prompt" not in (
         records[0]
     ):
