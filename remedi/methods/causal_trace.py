@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from remedi.hooks import EMBEDDINGS, EditFn, Site, SiteKind, intervene, replace_at
 from remedi.models import LoadedModel
-from remedi.tokens import TokenSpan, encode_continuations, encode_prompts
+from remedi.tokens import TokenSpan, encode_continuations, encode_prompts, unembed
 
 TraceKind = Literal["hidden", "mlp", "attn"]
 KINDS: tuple[TraceKind, ...] = ("hidden", "mlp", "attn")
@@ -103,11 +103,7 @@ def next_token_logits(
         last = hidden[:, -1]
     else:
         last = hidden[torch.arange(hidden.shape[0], device=hidden.device), positions]
-    logits: torch.Tensor = lm.arch.unembed(last)
-    cap = getattr(lm.model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    return logits
+    return unembed(lm.model, last)
 
 
 def prefix_cache(lm: LoadedModel, prefix: torch.Tensor) -> Any:

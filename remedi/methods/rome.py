@@ -31,7 +31,7 @@ from remedi.methods.requests import EditRequest, as_request
 from remedi.methods.second_moment import SecondMoment, as_matrix
 from remedi.methods.weights import EditHandle, backup, param_name
 from remedi.models import LoadedModel
-from remedi.tokens import encode_continuations, encode_prompts
+from remedi.tokens import encode_continuations, encode_prompts, unembed
 
 CONTEXT_PREFIXES: tuple[str, ...] = (
     "The following is true.",
@@ -134,8 +134,6 @@ class ForwardTail:
         finally:
             for handle in handles:
                 handle.remove()
-        cap = getattr(lm.model.config, "final_logit_softcapping", None)
-        self.softcap: float | None = float(cap) if cap else None
 
     def _recorder(self, block: nn.Module) -> Callable[..., None]:
         def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -162,10 +160,7 @@ class ForwardTail:
     def logits_at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Next-token logits ``[n, vocab]`` at ``(rows, cols)``, as the full model computes them."""
         hidden = self.final_states()[rows, cols]
-        logits = self.lm.arch.unembed(self.lm.arch.final_norm(hidden[:, None]))[:, 0]
-        if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits.float()
+        return unembed(self.lm.model, self.lm.arch.final_norm(hidden[:, None]))[:, 0].float()
 
 
 class SuffixRun:
@@ -200,8 +195,6 @@ class SuffixRun:
                 past_key_values=self.cache,
                 use_cache=True,
             )
-        cap = getattr(lm.model.config, "final_logit_softcapping", None)
-        self.softcap: float | None = float(cap) if cap else None
 
     def logits_at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """Next-token logits ``[n, vocab]`` at original positions ``(rows, cols)`` (≥ split)."""
@@ -216,10 +209,7 @@ class SuffixRun:
             )
         local = cols + self.shift.to(cols.device)[rows] - self.split
         hidden = states[last][rows, local]
-        logits = self.lm.arch.unembed(self.lm.arch.final_norm(hidden[:, None]))[:, 0]
-        if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits.float()
+        return unembed(self.lm.model, self.lm.arch.final_norm(hidden[:, None]))[:, 0].float()
 
 
 def subject_states(
