@@ -10,10 +10,7 @@ gradients in validation).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, cast
 
@@ -22,6 +19,7 @@ import torch
 from torch import nn
 from torchmetrics import MeanMetric, SumMetric
 
+from remedi.atomic import write_jsonl
 from remedi.data import EditCase
 from remedi.editors import (
     Editor,
@@ -63,20 +61,6 @@ def shared_model(spec: str, dtype: str = "float32") -> LoadedModel:
     if key not in _MODELS:
         _MODELS[key] = load_model(spec, dtype=dtype)
     return _MODELS[key]
-
-
-def write_jsonl_atomic(path: Path, records: list[dict[str, Any]]) -> None:
-    """Write one JSON object per line via a temporary file in the same directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def case_context(case: EditCase) -> tuple[str, str]:
@@ -316,7 +300,7 @@ class RemediModule(L.LightningModule):
         target = getattr(self._datamodule(), "predict_output", None) or str(
             Path(run_dir) / "predictions.jsonl"
         )
-        write_jsonl_atomic(Path(target), gathered)
+        write_jsonl(Path(target), gathered)
         log.info("wrote %d predictions to %s", len(gathered), target)
 
     def _datamodule(self) -> Any:

@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +25,7 @@ from typing import Any
 
 import torch
 
+from remedi.atomic import write_text
 from remedi.data import EditCase, load_cases
 from remedi.methods.registry import MethodResult, score_method
 from remedi.metrics import METRIC_NAMES, case_rows, evaluate_cases, row_probabilities
@@ -247,18 +246,6 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def evaluate(
     lm: LoadedModel, methods: Sequence[str], cases: Sequence[EditCase], args: argparse.Namespace
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -318,10 +305,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not cases:
         return _fail(f"--data: no cases left to evaluate in {args.data}")
     rows, records = evaluate(lm, methods, cases, args)
-    write_atomic(args.output / "cases.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    write_text(args.output / "cases.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     summary: Any = rows[0] if len(rows) == 1 else rows
-    write_atomic(args.output / "summary.json", json.dumps(summary, indent=2) + "\n")
-    write_atomic(args.output / "summary.md", markdown_table(rows))
+    write_text(args.output / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_text(args.output / "summary.md", markdown_table(rows))
     print(markdown_table(rows), end="")
     return 0
 

@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +25,7 @@ from typing import Any
 
 import torch
 
+from remedi.atomic import write_json
 from remedi.models import DEFAULT_MODEL, LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -109,19 +108,6 @@ def _check(args: argparse.Namespace) -> None:
         raise InputError(f"--steps must be >= 1, got {args.steps}")
     if args.output.exists() and not args.output.is_dir():
         raise InputError(f"--output {str(args.output)!r} exists and is not a directory")
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON atomically (temp file in the same directory, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=1)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _run_trace(lm: LoadedModel, args: argparse.Namespace) -> dict[str, Any]:

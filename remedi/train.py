@@ -11,9 +11,6 @@ writes ``metrics.json`` into the TensorBoard run directory.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from datamodules import EditCaseDataModule
 from lightning_modules import RemediModule
+from remedi.atomic import write_json
 
 DEFAULT_ROOT = "checkpoints"
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -33,20 +31,6 @@ TRAINER_DEFAULTS: dict[str, Any] = {
         "init_args": {"save_dir": DEFAULT_ROOT, "name": "tensorboard"},
     },
 }
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` as JSON to ``path`` via a temporary file in the same directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 class RemediCLI(LightningCLI):
@@ -98,7 +82,7 @@ class RemediCLI(LightningCLI):
             for key, value in self.trainer.callback_metrics.items()
             if key.startswith("test/")
         }
-        write_json_atomic(run_dir / "metrics.json", metrics)
+        write_json(run_dir / "metrics.json", dict(sorted(metrics.items())))
 
 
 def main(args: list[str] | None = None) -> RemediCLI:

@@ -3,14 +3,13 @@ written atomically to a path the caller chose. Uses the object API (no pyplot gl
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
 
+from remedi.atomic import atomic_path
 from remedi.methods.causal_trace import TraceResult
 
 _TITLES = {
@@ -24,15 +23,8 @@ _COLORMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
 def save_figure(fig: Figure, path: str | Path) -> Path:
     """Write ``fig`` as PNG to ``path`` atomically (temp file in the same directory)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
     return path
 
 

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -24,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from remedi.atomic import atomic_path
 from remedi.hooks import Site, intervene
 from remedi.models import LoadedModel, cache_dir
 
@@ -153,10 +152,7 @@ def cache_path(
 
 
 def _save(path: Path, stats: SecondMoment) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(
             {
                 "layer": stats.layer,
@@ -167,10 +163,6 @@ def _save(path: Path, stats: SecondMoment) -> None:
             },
             tmp,
         )
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def _load(path: Path) -> SecondMoment | None:
