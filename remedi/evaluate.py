@@ -8,7 +8,9 @@ prompt), ft, ft-l, rome, memit (all cases in one batch, or groups of ``--memit-b
 (knowledge-neuron value-slot update) and remedi (a trained ``--checkpoint``). Weight editors are
 applied per case and restored after it (see :mod:`remedi.methods.registry`). Writes
 ``summary.json`` (one flat object; a list of them for several methods), ``cases.jsonl`` and
-``summary.md``, atomically.
+``summary.md``, atomically. With ``--generation`` each case's generation prompts are also
+sampled under the method's edit of that case, adding generation entropy and reference score (see
+:mod:`remedi.metrics.generation`) to the rows and the samples to ``generations.jsonl``.
 """
 
 from __future__ import annotations
@@ -19,19 +21,33 @@ import logging
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from remedi.atomic import write_text
 from remedi.data import EditCase, load_cases
-from remedi.methods.registry import MethodResult, score_method
-from remedi.metrics import METRIC_NAMES, case_rows, evaluate_cases, row_probabilities
+from remedi.methods.registry import MethodResult, prefix_case, score_method
+from remedi.metrics import (
+    GENERATION_METRIC_NAMES,
+    METRIC_NAMES,
+    GenerationEdit,
+    case_rows,
+    case_samples,
+    evaluate_cases,
+    generation_metrics,
+    row_probabilities,
+    summarize_generation,
+)
 from remedi.models import LoadedModel
+from remedi.tokens import PromptBatch
 
 log = logging.getLogger(__name__)
+Sampler = Callable[..., None]
 
 METHODS = ("none", "prefix", "ft", "ft-l", "rome", "memit", "kn", "remedi")
 WEIGHT_METHODS = ("ft", "ft-l", "rome", "memit", "kn")
@@ -67,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ft-lr", type=float, default=None)
     p.add_argument("--ft-steps", type=int, default=None)
     p.add_argument("--ft-eps", type=float, default=5e-4, help="FT-L L-infinity bound")
+    p.add_argument(
+        "--generation", action="store_true", help="also score sampled generations (GE, RS)"
+    )
+    p.add_argument("--generation-tokens", type=int, default=100, help="new tokens per sample")
     return p
 
 
@@ -101,6 +121,8 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return f"--stats-tokens must be positive, got {args.stats_tokens}"
     if args.memit_batch is not None and args.memit_batch < 1:
         return f"--memit-batch must be positive, got {args.memit_batch}"
+    if args.generation_tokens < 1:
+        return f"--generation-tokens must be positive, got {args.generation_tokens}"
     return None
 
 
@@ -135,8 +157,27 @@ class Runner:
         return {layer: self._stats[layer] for layer in layers}
 
     def run(self, method: str, cases: Sequence[EditCase]) -> MethodResult:
+        """Score ``method`` on ``cases``. With ``--generation``, each case's generation prompts
+        are also sampled while its edit is applied (kept in :attr:`samples`)."""
+        self.samples: list[list[str]] = [[] for _ in cases]
+        sampler = self._sampler(method, cases) if self.args.generation else None
         if method == "remedi":
-            return self._remedi(cases)
+            return self._remedi(cases, sampler)
+        layer, stats, hparams = self.settings(method)
+        return score_method(
+            self.lm,
+            method,
+            cases,
+            layer=layer,
+            stats=stats,
+            hparams=hparams,
+            memit_batch=self.args.memit_batch,
+            batch_size=self.args.batch_size,
+            under_edit=sampler,
+        )
+
+    def settings(self, method: str) -> tuple[int | None, Any, Any]:
+        """``(layer, stats, hparams)`` of a non-learned method, from the command line."""
         a = self.args
         layer, stats, hparams = a.layer, None, None
         if method in ("ft", "ft-l"):
@@ -161,20 +202,34 @@ class Runner:
             from remedi.methods import memit
 
             stats = self.stats(list(hparams.layers or memit.default_layers(self.lm)))
-        return score_method(
-            self.lm,
-            method,
-            cases,
-            layer=layer,
-            stats=stats,
-            hparams=hparams,
-            memit_batch=a.memit_batch,
-            batch_size=a.batch_size,
-        )
+        return layer, stats, hparams
 
-    def _remedi(self, cases: Sequence[EditCase]) -> MethodResult:
+    def _sampler(self, method: str, cases: Sequence[EditCase]) -> Sampler:
+        """Samples the generation prompts of the cases at the given indices into
+        :attr:`samples`, under the LM's current edit (plus ``edit_for(i)``, for REMEDI)."""
+        progress = tqdm(total=len(cases), desc=f"generate {method}", unit="case")
+
+        def sample(indices: range, edit_for: Callable[[int], GenerationEdit] | None = None) -> None:
+            for i in indices:
+                case = cases[i]
+                context = prefix_case(case).prompt.removesuffix(case.prompt)
+                self.samples[i] = case_samples(
+                    self.lm,
+                    case,
+                    self.args.generation_tokens,
+                    seed=i,
+                    edit=edit_for(i) if edit_for is not None else None,
+                    context=context if method == "prefix" else "",
+                )
+                progress.update()
+            if progress.n == len(cases):
+                progress.close()
+
+        return sample
+
+    def _remedi(self, cases: Sequence[EditCase], sampler: Sampler | None) -> MethodResult:
         from lightning_modules.remedi_module import RemediModule, case_context, register_model
-        from remedi.editors.apply import attribute_states, metrics_context
+        from remedi.editors.apply import apply_editor, attribute_states, metrics_context
 
         register_model(self.lm, self.args.dtype)
         module = RemediModule.load_from_checkpoint(
@@ -193,6 +248,22 @@ class Runner:
         _, per_case = evaluate_cases(
             self.lm.model, self.lm.tokenizer, cases, edit=edit, batch_size=self.args.batch_size
         )
+        if sampler is not None:
+
+            def edit_for(i: int) -> GenerationEdit:
+                """Case ``i``'s direction at the subject's last token, on the prompt pass."""
+
+                def apply(batch: PromptBatch) -> AbstractContextManager[object]:
+                    rows = attributes[i : i + 1].expand(batch.input_ids.shape[0], -1)
+                    positions = batch.subject_last
+                    layer = module.layer
+                    return apply_editor(
+                        self.lm, layer, editor, rows, positions, prompt_pass_only=True
+                    )
+
+                return apply
+
+            sampler(range(len(cases)), edit_for)
         return MethodResult("remedi", per_case, seconds)
 
 
@@ -236,6 +307,7 @@ def summary_row(
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     columns = ["method", "n_cases", *METRIC_NAMES, "seconds_per_edit"]
+    columns += [name for name in GENERATION_METRIC_NAMES if any(name in row for row in rows)]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         cells = []
@@ -247,9 +319,16 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def evaluate(
-    lm: LoadedModel, methods: Sequence[str], cases: Sequence[EditCase], args: argparse.Namespace
+    lm: LoadedModel,
+    methods: Sequence[str],
+    cases: Sequence[EditCase],
+    args: argparse.Namespace,
+    samples: dict[str, list[list[str]]] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Run every method on ``cases``; return the summary rows and the per-case records."""
+    """Run every method on ``cases``; return the summary rows and the per-case records.
+
+    With ``args.generation``, each method's samples per case are also stored in ``samples``.
+    """
     from remedi.metrics import summarize
 
     runner = Runner(lm, args)
@@ -258,6 +337,14 @@ def evaluate(
     for method in methods:
         result = runner.run(method, cases)
         rows.append(summary_row(result, lm.spec, len(cases), summarize(result.per_case)))
+        if args.generation:
+            texts = runner.samples
+            if samples is not None:
+                samples[method] = texts
+            generation = generation_metrics(cases, texts)
+            rows[-1].update(summarize_generation(generation))
+            for metrics, extra in zip(result.per_case, generation, strict=True):
+                metrics.update(extra)
         for i, (case, metrics) in enumerate(zip(cases, result.per_case, strict=True)):
             record: dict[str, Any] = {
                 "method": method,
@@ -304,8 +391,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         cases = cases[: args.limit]
     if not cases:
         return _fail(f"--data: no cases left to evaluate in {args.data}")
-    rows, records = evaluate(lm, methods, cases, args)
+    samples: dict[str, list[list[str]]] = {}
+    rows, records = evaluate(lm, methods, cases, args, samples)
     write_text(args.output / "cases.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    if args.generation:
+        lines = [
+            json.dumps({"method": method, "case_id": case.case_id, "samples": texts}) + "\n"
+            for method, per_case in samples.items()
+            for case, texts in zip(cases, per_case, strict=True)
+        ]
+        write_text(args.output / "generations.jsonl", "".join(lines))
     summary: Any = rows[0] if len(rows) == 1 else rows
     write_text(args.output / "summary.json", json.dumps(summary, indent=2) + "\n")
     write_text(args.output / "summary.md", markdown_table(rows))

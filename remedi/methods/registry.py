@@ -89,31 +89,39 @@ def score_method(
     memit_batch: int | None = None,
     batch_size: int = 32,
     progress: bool = True,
+    under_edit: Callable[[range], None] | None = None,
 ) -> MethodResult:
     """Edit with ``method`` and score every case with the shared CounterFact metrics.
 
     ``stats``: for rome the second moment of its layer; for memit a mapping layer -> second
     moment. The LM is restored after every case (or MEMIT group), exceptions included.
+    ``under_edit(indices)`` runs after scoring, while the cases ``indices`` are still written
+    into the LM (e.g. to sample generations under the same edit).
     """
     if method not in BASELINES:
         raise ValueError(f"method {method!r} must be one of {', '.join(BASELINES)}")
 
-    def score(group: Sequence[EditCase]) -> list[dict[str, float]]:
-        return evaluate_cases(lm.model, lm.tokenizer, group, batch_size=batch_size)[1]
+    def score(first: int, group: Sequence[EditCase]) -> list[dict[str, float]]:
+        per_case = evaluate_cases(lm.model, lm.tokenizer, group, batch_size=batch_size)[1]
+        if under_edit is not None:
+            under_edit(range(first, first + len(group)))
+        return per_case
 
     if method == "none":
-        return MethodResult(method, score(cases))
+        return MethodResult(method, score(0, cases))
     if method == "prefix":
-        return MethodResult(method, score([prefix_case(c) for c in cases]))
+        return MethodResult(method, score(0, [prefix_case(c) for c in cases]))
     if method == "memit":
         return _score_memit(lm, cases, stats, hparams, memit_batch, score)
     edit = case_editor(lm, method, layer, stats, hparams)
     result = MethodResult(method, [])
-    for case in tqdm(cases, desc=f"evaluate {method}", unit="case", disable=not progress):
+    for i, case in enumerate(
+        tqdm(cases, desc=f"evaluate {method}", unit="case", disable=not progress)
+    ):
         start = time.perf_counter()
         with edit(case):
             result.edit_seconds.append(time.perf_counter() - start)
-            result.per_case += score([case])
+            result.per_case += score(i, [case])
     return result
 
 
@@ -123,7 +131,7 @@ def _score_memit(
     stats: Mapping[int, Any] | None,
     hparams: Any,
     group_size: int | None,
-    score: Callable[[Sequence[EditCase]], list[dict[str, float]]],
+    score: Callable[[int, Sequence[EditCase]], list[dict[str, float]]],
 ) -> MethodResult:
     from remedi.methods import memit
 
@@ -134,5 +142,5 @@ def _score_memit(
         began = time.perf_counter()
         with memit.apply_edits(lm, group, stats=stats, hparams=hparams):
             result.edit_seconds += [(time.perf_counter() - began) / len(group)] * len(group)
-            result.per_case += score(group)
+            result.per_case += score(start, group)
     return result
