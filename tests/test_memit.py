@@ -46,3 +46,26 @@ def test_default_layers() -> None:
     lm = tiny_model("llama")
     layers = memit.default_layers(lm)
     assert layers and all(0 <= x < lm.arch.num_layers for x in layers)
+
+
+def test_post_norm_mapping_reaches_a_direction_change() -> None:
+    lm = tiny_model("gemma3_text")
+    norm = lm.arch.post_mlp_norm(0)
+    assert norm is not None and tiny_model("gptj").arch.post_mlp_norm(0) is None
+    torch.manual_seed(0)
+    outputs = torch.randn(4, lm.arch.hidden_size)
+    with torch.no_grad():
+        normed = norm(outputs)
+        # A reachable residual: the normalised output of another vector, minus the current one.
+        wanted = norm(outputs + 0.5 * torch.randn_like(outputs)) - normed
+        change = memit.through_post_norm(norm, outputs, wanted)
+        torch.testing.assert_close(norm(outputs + change), normed + wanted, atol=1e-3, rtol=1e-3)
+
+
+def test_batch_edit_on_a_post_norm_model_restores_bitwise() -> None:
+    lm = tiny_model("gemma3_text")
+    before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    hp = memit.MemitHyperParams(layers=(0, 1), n_context=2, steps=4, lr=0.01, mom2_weight=1.0)
+    with memit.apply_edits(lm, REQUESTS, hparams=hp, progress=False) as handle:
+        assert handle.info["post_norm_mapped"] is True
+    assert all(torch.equal(p, before[n]) for n, p in lm.model.named_parameters())

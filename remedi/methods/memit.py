@@ -6,6 +6,10 @@
 2. For each edited layer in order: keys K (mean over context templates, current weights), the
    remaining residual R = (z − z_current) / (layers left), and the least-squares update
    ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹ in float64, which minimises ‖(W + ΔW) K − (W K + R)‖² + λ tr(ΔW C ΔWᵀ).
+3. Where the block normalises the MLP output before adding it to the residual (Gemma 2/3), a
+   residual change is not an MLP-output change: each layer's R is mapped through that norm
+   (:func:`through_post_norm`), to the smallest MLP-output change whose normalised output comes
+   closest to adding R. What the norm cannot reach is left to the later layers.
 
 As in ROME, keys and hidden states are means over the same templates throughout (recorded).
 
@@ -87,6 +91,35 @@ def least_squares_update(
     return torch.linalg.solve(system, k @ r.T).T
 
 
+def through_post_norm(
+    norm: torch.nn.Module, outputs: torch.Tensor, residuals: torch.Tensor, max_iter: int = 100
+) -> torch.Tensor:
+    """MLP-output changes ``[n, d]`` that move ``norm(outputs)`` as close as possible to
+    ``norm(outputs) + residuals``.
+
+    A scale-invariant norm (RMSNorm) only lets the MLP turn its output's direction, so the
+    target is found by L-BFGS on ``‖norm(v) − target‖²`` and then rescaled to lie closest to the
+    current output (the smallest weight change giving that direction).
+    """
+    current = outputs.detach().float()
+    with torch.no_grad():
+        target = norm(current) + residuals.float()
+    v = current.clone().requires_grad_(True)
+    solver = torch.optim.LBFGS([v], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        solver.zero_grad()
+        loss = (norm(v) - target).pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        solver.step(closure)
+    v = v.detach()
+    scale = (v * current).sum(-1, keepdim=True) / v.pow(2).sum(-1, keepdim=True).clamp_min(1e-12)
+    return v * scale - current
+
+
 def apply_edits(
     lm: LoadedModel,
     requests: Sequence[EditRequest | EditCase],
@@ -138,13 +171,17 @@ def apply_edits(
     handle = backup(lm.model, names)
     try:
         for i, layer in enumerate(tqdm(layers, desc="memit: layers", disable=not progress)):
-            key_site = Site("mlp_in", layer)
-            keys, current = [], []
+            key_site, out_site = Site("mlp_in", layer), Site("mlp", layer)
+            keys, current, outputs = [], [], []
             for req in reqs:
-                states = subject_states(lm, [key_site, z_site], req, templates)
+                states = subject_states(lm, [key_site, out_site, z_site], req, templates)
                 keys.append(states[key_site])
                 current.append(states[z_site])
+                outputs.append(states[out_site])
             residuals = (target_z - torch.stack(current)) / (len(layers) - i)
+            norm = lm.arch.post_mlp_norm(layer)
+            if norm is not None:
+                residuals = through_post_norm(norm, torch.stack(outputs), residuals)
             update = least_squares_update(torch.stack(keys), residuals, matrices[layer], lam)
             weight = lm.arch.mlp_out_weight(layer)
             with torch.no_grad():
@@ -160,6 +197,7 @@ def apply_edits(
         z_steps=steps,
         hparams=asdict(hp),
         whitened=stats is not None,
+        post_norm_mapped=lm.arch.spec.post_mlp_norm is not None,
         seconds=time.perf_counter() - start,
     )
     return handle

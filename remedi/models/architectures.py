@@ -30,6 +30,8 @@ class ArchSpec:
     num_layers: Callable[[Any], int]
     hidden_size: Callable[[Any], int]
     mlp_hidden_size: Callable[[Any], int]
+    post_mlp_norm: str | None = None
+    """Norm applied to the MLP output before the residual add (Gemma 2/3), relative to a block."""
 
 
 _REGISTRY: dict[str, ArchSpec] = {}
@@ -62,7 +64,7 @@ def _gpt2_inner(c: Any) -> int:
     return c.n_inner if c.n_inner is not None else 4 * c.n_embd
 
 
-def _llama_like(model_type: str) -> ArchSpec:
+def _llama_like(model_type: str, post_mlp_norm: str | None = None) -> ArchSpec:
     return ArchSpec(
         model_type=model_type,
         layers="model.layers",
@@ -76,6 +78,7 @@ def _llama_like(model_type: str) -> ArchSpec:
         num_layers=lambda c: c.num_hidden_layers,
         hidden_size=lambda c: c.hidden_size,
         mlp_hidden_size=lambda c: c.intermediate_size,
+        post_mlp_norm=post_mlp_norm,
     )
 
 
@@ -136,7 +139,8 @@ for _spec in (
         hidden_size=lambda c: c.hidden_size,
         mlp_hidden_size=lambda c: c.intermediate_size or 4 * c.hidden_size,
     ),
-    *(_llama_like(t) for t in ("llama", "mistral", "qwen2", "gemma2", "gemma3_text")),
+    *(_llama_like(t) for t in ("llama", "mistral", "qwen2")),
+    *(_llama_like(t, "post_feedforward_layernorm") for t in ("gemma2", "gemma3_text")),
 ):
     register_architecture(_spec)
 
@@ -210,6 +214,11 @@ class Arch:
     @property
     def unembed(self) -> nn.Module:
         return self.module("unembed")
+
+    def post_mlp_norm(self, layer: int) -> nn.Module | None:
+        """The norm between the MLP output and the residual add, or None (most models)."""
+        name = self.spec.post_mlp_norm
+        return None if name is None else self.block(layer).get_submodule(name)
 
     def mlp_out_weight(self, layer: int) -> torch.Tensor:
         """The MLP output projection's weight as an ``[out, in]`` view (writes go to the model)."""
