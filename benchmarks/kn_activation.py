@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from remedi.atomic import write_json
 from remedi.data import load_builtin
-from remedi.locate import write_json
 from remedi.methods import knowledge_neurons as kn
 from remedi.models import load_model
 

@@ -14,17 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import resource
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from remedi.atomic import write_json
 from remedi.data import load_builtin
 from remedi.editors import (
     LossWeights,
@@ -149,11 +148,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if device.type == "cuda":
         result["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
         result["gpu"] = torch.cuda.get_device_name()
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=args.output.parent, prefix=args.output.name)
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, args.output)
+    write_json(args.output, result)
     print(json.dumps({k: v for k, v in result.items() if not k.endswith("_all")}, indent=2))
     return result
 

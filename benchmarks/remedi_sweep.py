@@ -19,11 +19,9 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import random
 import resource
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from datamodules import CounterFactDataModule
+from remedi.atomic import write_json
 from remedi.data import EditCase
 from remedi.editors import (
     LossWeights,
@@ -156,22 +155,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "unedited": unedited,
         "layers": [],
     }
-    _write(args.output, result)
+    write_json(args.output, result)
     for layer in args.layers:
         result["layers"].append(run_layer(lm, layer, data.train_cases, data.val_cases, test, args))
         result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-        _write(args.output, result)
+        write_json(args.output, result)
         print(json.dumps(result["layers"][-1]["metrics"]), flush=True)
     return result
-
-
-def _write(path: Path, result: dict[str, Any]) -> None:
-    """Write ``result`` as JSON atomically (after each layer, so partial sweeps survive)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name)
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from remedi.atomic import write_json
 from remedi.methods import second_moment
 from remedi.models import load_model
 
@@ -45,12 +44,8 @@ def main() -> None:
             }
         )
         print(json.dumps(results[-1]))
-    args.output.mkdir(parents=True, exist_ok=True)
     out = {"model": args.model, "corpus": args.corpus, "threads": args.threads, "runs": results}
-    fd, tmp = tempfile.mkstemp(dir=args.output, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(out, handle, indent=2)
-    os.replace(tmp, args.output / "second_moment.json")
+    write_json(args.output / "second_moment.json", out)
 
 
 if __name__ == "__main__":

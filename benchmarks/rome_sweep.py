@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from remedi.atomic import write_json
 from remedi.data import load_cases
 from remedi.evaluate import known_cases
 from remedi.methods import rome, second_moment
@@ -31,13 +30,6 @@ CORPUS = "/work/shared/data/text_corpus"
 def parse_config(text: str) -> dict[str, float]:
     pairs = [item.split("=") for item in text.split(",") if item]
     return {key: float(value) for key, value in pairs}
-
-
-def write_json(path: Path, data: object) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2)
-    os.replace(tmp, path)
 
 
 def main() -> None:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from remedi.atomic import write_json
 from remedi.data import load_cases
-from remedi.locate import write_json
 from remedi.methods import causal_trace
 from remedi.methods.causal_trace import TraceResult, next_token_logits
 from remedi.models import load_model

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
+from remedi.atomic import write_json
 from remedi.hooks import EMBEDDINGS, Site, intervene
-from remedi.locate import write_json
 from remedi.methods import causal_trace as ct
 from remedi.models import load_model
 
