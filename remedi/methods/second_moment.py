@@ -66,16 +66,18 @@ def _is_hub(corpus: Corpus) -> bool:
 
 
 def corpus_identity(corpus: Corpus) -> str:
-    """A short hash naming the corpus: each file's resolved path, size and mtime, or the hub id."""
+    """A short hash naming the corpus: each file's name and contents (so a copied or re-created
+    corpus keeps its cached statistics), or the hub id."""
+    digest = hashlib.sha256()
     if _is_hub(corpus):
-        text = str(corpus)
+        digest.update(str(corpus).encode())
     else:
-        parts = []
         for path in _files(corpus):
-            stat = path.stat()
-            parts.append(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}")
-        text = "\n".join(parts)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+            digest.update(f"{path.name}|{path.stat().st_size}|".encode())
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def _documents(corpus: Corpus) -> Iterator[str]:

