@@ -48,6 +48,20 @@ def test_suffix_run_logits_match_full_forward(model_type: str) -> None:
             torch.testing.assert_close(got, full[cols], rtol=1e-4, atol=1e-4)
 
 
+def test_batched_deltas_match_one_request_at_a_time() -> None:
+    lm = tiny_model("gemma3_text")
+    requests = [REQUEST, EditRequest("{} makes", "Toyota", "phones")]
+    hp = rome.RomeHyperParams(n_context=2, steps=5, lr=0.05, loss_threshold=0.05, clamp=1.0)
+    site = rome.Site("mlp", 1)
+    templates = rome.context_templates(hp.n_context)
+    together = rome.optimise_deltas(lm, site, requests, templates, hp)
+    for request, batched in zip(requests, together, strict=True):
+        alone = rome.optimise_delta(lm, site, request, templates, hp)
+        torch.testing.assert_close(batched.delta, alone.delta, atol=1e-4, rtol=1e-4)
+        assert batched.steps == alone.steps and batched.init_norm == pytest.approx(alone.init_norm)
+        assert batched.losses == pytest.approx(alone.losses, rel=1e-4)
+
+
 def test_rank_one_update_maps_key_to_value() -> None:
     torch.manual_seed(0)
     weight = torch.randn(6, 10)

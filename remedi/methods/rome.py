@@ -18,7 +18,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -61,9 +61,13 @@ DEFAULT_LAYER_FRACTION = 0.2
 KNOWN_LAYERS: dict[tuple[str, int], int] = {
     ("gptj", 28): 5,
     ("gpt2", 48): 17,
-    ("gemma3_text", 18): 2,
+    ("gemma3_text", 18): 1,
 }
 """Reference layers (GPT-J, GPT-2 XL); Gemma-3-270M measured with benchmarks/rome_sweep.py."""
+REFERENCE_CLAMP = 4.0
+KNOWN_CLAMPS: dict[tuple[str, int], float] = {("gemma3_text", 18): 2.0}
+"""Measured clamps: Gemma normalises the MLP output before the residual add, so a long δ turns
+the output's direction far more than its length suggests, and neighbours bleed (see the README)."""
 
 
 def default_layer(lm: LoadedModel) -> int:
@@ -75,6 +79,11 @@ def default_layer(lm: LoadedModel) -> int:
     return min(arch.num_layers - 1, round(DEFAULT_LAYER_FRACTION * arch.num_layers))
 
 
+def default_clamp(lm: LoadedModel) -> float:
+    """The measured clamp factor for ``lm``'s architecture, else the reference 4."""
+    return KNOWN_CLAMPS.get((lm.arch.model_type, lm.arch.num_layers), REFERENCE_CLAMP)
+
+
 def context_templates(n_context: int) -> list[str]:
     """``"{}"`` followed by ``n_context`` fixed prefixes (``"prefix {}"``)."""
     if not 0 <= n_context <= len(CONTEXT_PREFIXES):
@@ -84,14 +93,15 @@ def context_templates(n_context: int) -> list[str]:
 
 @dataclass
 class RomeHyperParams:
-    """ROME settings; ``layer=None`` picks :func:`default_layer`."""
+    """ROME settings; ``layer=None`` picks :func:`default_layer`, ``clamp=None``
+    :func:`default_clamp`."""
 
     layer: int | None = None
     n_context: int = 5
     lr: float = 0.5
     steps: int = 10
     loss_threshold: float = 0.05
-    clamp: float = 4.0
+    clamp: float | None = None
     kl_weight: float = 0.0625
     weight_decay: float = 0.5
     kl_prompt: str = "{} is a"
@@ -263,62 +273,96 @@ def optimise_delta(
     ‖δ‖ clamped to ``clamp`` · ‖v₀‖. It stops once NLL + KL term < ``loss_threshold`` (the
     decay term is left out of the test: with a small ‖v₀‖, as on Gemma, it alone exceeds it).
     """
+    return optimise_deltas(lm, site, [request], templates, hp)[0]
+
+
+def optimise_deltas(
+    lm: LoadedModel,
+    site: Site,
+    requests: Sequence[EditRequest],
+    templates: Sequence[str],
+    hp: RomeHyperParams,
+) -> list[DeltaResult]:
+    """:func:`optimise_delta` for several requests in one batch, each with its own δ.
+
+    The losses are summed, so each δ sees only its own gradient, and Adam (elementwise) takes
+    the same steps as when run alone; a request that reaches ``loss_threshold`` is frozen there.
+    """
     tok = lm.tokenizer
-    prompts = [t.replace("{}", request.rewrite_prompt) for t in templates]
+    n_req, n_t = len(requests), len(templates)
+    prompts = [t.replace("{}", r.rewrite_prompt) for r in requests for t in templates]
+    subjects = [r.subject for r in requests for _ in templates]
     cont = encode_continuations(
-        tok, prompts, [request.target_new] * len(prompts), [request.subject] * len(prompts)
+        tok, prompts, [r.target_new for r in requests for _ in templates], subjects
     )
-    kl = encode_prompts(tok, [hp.kl_prompt.replace("{}", request.subject)], [request.subject])
+    kl_subjects = [r.subject for r in requests]
+    kl = encode_prompts(tok, [hp.kl_prompt.replace("{}", e) for e in kl_subjects], kl_subjects)
     n = len(prompts)
     rows = [cont.input_ids[i, : int(cont.attention_mask[i].sum())] for i in range(n)]
-    rows.append(kl.input_ids[0, : int(kl.attention_mask[0].sum())])
+    rows += [kl.input_ids[j, : int(kl.attention_mask[j].sum())] for j in range(n_req)]
     assert cont.subject_spans is not None
-    subject_last = torch.tensor([s.last for s in cont.subject_spans] + [kl.subject_spans[0].last])
+    subject_last = [s.last for s in cont.subject_spans] + kl.subject_last.tolist()
+    owner = torch.cat([torch.arange(n_req).repeat_interleave(n_t), torch.arange(n_req)])
 
     positions = cont.target_positions()
     target_mask = cont.target_mask
     nll_rows, nll_cols = target_mask.nonzero(as_tuple=True)
-    read_rows = torch.cat([nll_rows, torch.tensor([n])]).to(lm.device)
-    read_cols = torch.cat([positions[nll_rows, nll_cols], subject_last[n : n + 1]]).to(lm.device)
+    kl_rows = torch.arange(n, n + n_req)
+    read_rows = torch.cat([nll_rows, kl_rows]).to(lm.device)
+    read_cols = torch.cat([positions[nll_rows, nll_cols], torch.tensor(subject_last[n:])])
+    read_cols = read_cols.to(lm.device)
     target_ids = cont.target_ids[nll_rows, nll_cols].to(lm.device)
-    weights = (1.0 / target_mask.sum(1).float())[nll_rows].to(lm.device) / n
+    weights = (1.0 / target_mask.sum(1).float())[nll_rows].to(lm.device) / n_t
+    nll_owner = owner[nll_rows].to(lm.device)
 
-    run = SuffixRun(lm, rows, subject_last.tolist())
+    run = SuffixRun(lm, rows, subject_last)
     with torch.no_grad(), intervene(lm.arch, record=[site]) as st:
-        logits0 = run.logits_at(read_rows[-1:], read_cols[-1:])
+        logits0 = run.logits_at(read_rows[len(nll_rows) :], read_cols[len(nll_rows) :])
     kl_ref = torch.log_softmax(logits0, -1)
-    init = st[site][0, 0].float()
-    init_norm = float(init.norm())
-    max_norm = hp.clamp * init_norm
+    first_rows = torch.arange(n_req) * n_t
+    init = st[site][first_rows.to(lm.device), 0].float()
+    init_norm = init.norm(dim=-1)
+    max_norm = (hp.clamp if hp.clamp is not None else default_clamp(lm)) * init_norm
 
-    delta = torch.zeros(init.shape[0], device=lm.device, requires_grad=True)
+    delta = torch.zeros_like(init, requires_grad=True)
     optimiser = torch.optim.Adam([delta], lr=hp.lr)
+    row_owner = owner.to(lm.device)
     edit_positions = torch.zeros(len(rows), dtype=torch.long, device=lm.device)
-    losses: list[float] = []
-    target_prob = 0.0
-    step = 0
+    losses: list[list[float]] = [[] for _ in range(n_req)]
+    probs = [0.0] * n_req
+    steps = [hp.steps] * n_req
+    done = torch.zeros(n_req, dtype=torch.bool, device=lm.device)
     for step in range(1, hp.steps + 1):
         optimiser.zero_grad()
-        with intervene(lm.arch, edit={site: add_at(edit_positions, delta)}):
+        with intervene(lm.arch, edit={site: add_at(edit_positions, delta[row_owner])}):
             logits = run.logits_at(read_rows, read_cols)
         logprobs = torch.log_softmax(logits, -1)
-        token_lp = logprobs[:-1].gather(1, target_ids[:, None])[:, 0]
-        nll = -(token_lp * weights).sum()
-        kl_div = (logprobs[-1].exp() * (logprobs[-1] - kl_ref[0])).sum()
-        decay = delta.norm() / init_norm**2
+        token_lp = logprobs[: len(nll_rows)].gather(1, target_ids[:, None])[:, 0]
+        nll = torch.zeros(n_req, device=lm.device).index_add(0, nll_owner, -token_lp * weights)
+        kl_lp = logprobs[len(nll_rows) :]
+        kl_div = (kl_lp.exp() * (kl_lp - kl_ref)).sum(-1)
+        decay = delta.norm(dim=-1) / init_norm**2
         loss = nll + hp.kl_weight * kl_div + hp.weight_decay * decay
-        losses.append(float(loss.detach()))
-        target_prob = math.exp(-float(nll.detach()))
-        fit = float((nll + hp.kl_weight * kl_div).detach())
-        if fit < hp.loss_threshold or step == hp.steps:
+        fit = (nll + hp.kl_weight * kl_div).detach()
+        for j in (~done).nonzero()[:, 0].tolist():
+            losses[j].append(float(loss[j]))
+            probs[j] = math.exp(-float(nll[j]))
+            if float(fit[j]) < hp.loss_threshold or step == hp.steps:
+                steps[j] = step
+                done[j] = True
+        if bool(done.all()):
             break
-        loss.backward()
+        (loss * (~done)).sum().backward()
+        frozen = delta.detach().clone()
         optimiser.step()
         with torch.no_grad():
-            norm = delta.norm()
-            if norm > max_norm:
-                delta.mul_(max_norm / norm)
-    return DeltaResult(delta.detach(), init_norm, step, losses, target_prob)
+            delta[done] = frozen[done]
+            norm = delta.norm(dim=-1, keepdim=True)
+            delta.mul_(torch.where(norm > max_norm[:, None], max_norm[:, None] / norm, 1.0))
+    return [
+        DeltaResult(delta[j].detach(), float(init_norm[j]), steps[j], losses[j], probs[j])
+        for j in range(n_req)
+    ]
 
 
 def rank_one_update(
@@ -348,6 +392,8 @@ def apply_edit(
     req = as_request(request).validate()
     chosen = layer if layer is not None else hp.layer
     layer = lm.arch.check_layer(chosen if chosen is not None else default_layer(lm))
+    if hp.clamp is None:
+        hp = replace(hp, clamp=default_clamp(lm))
     width = lm.arch.mlp_hidden_size
     second_moment = as_matrix(stats, width)
     templates = context_templates(hp.n_context)
