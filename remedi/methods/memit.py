@@ -33,7 +33,7 @@ from remedi.methods.rome import (
     context_templates,
     default_layer,
     mlp_out_param,
-    optimise_delta,
+    optimise_deltas,
     subject_states,
 )
 from remedi.methods.second_moment import SecondMoment, as_matrix
@@ -43,11 +43,13 @@ from remedi.models import LoadedModel
 KNOWN_LAYERS: dict[tuple[str, int], tuple[int, ...]] = {
     ("gptj", 28): (3, 4, 5, 6, 7, 8),
     ("gpt2", 48): (13, 14, 15, 16, 17),
+    ("gemma3_text", 18): (0, 1, 2),
 }
 
 
 def default_layers(lm: LoadedModel) -> list[int]:
-    """GPT-J 3–8, GPT-2 XL 13–17; otherwise four layers ending at ROME's default layer."""
+    """GPT-J 3–8, GPT-2 XL 13–17, Gemma-3-270M 0–2 (measured); otherwise four layers ending at
+    ROME's default layer."""
     known = KNOWN_LAYERS.get((lm.arch.model_type, lm.arch.num_layers))
     if known is not None:
         return list(known)
@@ -70,6 +72,8 @@ class MemitHyperParams:
     mom2_weight: float | None = None
     """λ; None: 15,000 (GPT-J) scaled by mlp_hidden_size / 16,384 (GPT-J's width), which keeps a
     typical key's kᵀ(λC)⁻¹k, i.e. how much of its residual one layer takes, as on GPT-J."""
+    request_batch: int = 16
+    """Target states optimised together in one batch (same result as one at a time, faster)."""
 
 
 GPTJ_LAMBDA = 15_000.0
@@ -160,11 +164,15 @@ def apply_edits(
 
     targets = []
     steps = []
-    for req in tqdm(reqs, desc="memit: target states", disable=not progress):
-        result = optimise_delta(lm, z_site, req, templates, rome_hp)
-        z0 = subject_states(lm, [z_site], req, templates)[z_site]
-        targets.append(z0 + result.delta)
-        steps.append(result.steps)
+    chunks = [reqs[i : i + hp.request_batch] for i in range(0, len(reqs), hp.request_batch)]
+    with tqdm(total=len(reqs), desc="memit: target states", disable=not progress) as bar:
+        for chunk in chunks:
+            results = optimise_deltas(lm, z_site, chunk, templates, rome_hp)
+            for req, result in zip(chunk, results, strict=True):
+                z0 = subject_states(lm, [z_site], req, templates)[z_site]
+                targets.append(z0 + result.delta)
+                steps.append(result.steps)
+            bar.update(len(chunk))
     target_z = torch.stack(targets)
 
     names = [param_name(lm.model, mlp_out_param(lm, layer)) for layer in layers]
