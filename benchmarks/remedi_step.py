@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from remedi.allocator import release_freed_memory
 from remedi.atomic import write_json
 from remedi.data import load_builtin
 from remedi.editors import (
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", required=True, type=Path)
     args = parser.parse_args(argv)
+    release_freed_memory()
     torch.set_num_threads(args.threads)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     if args.random_gptj:

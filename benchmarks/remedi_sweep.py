@@ -30,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from datamodules import CounterFactDataModule
+from remedi.allocator import release_freed_memory
 from remedi.atomic import write_json
 from remedi.data import EditCase
 from remedi.editors import (
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", required=True, type=Path)
     args = parser.parse_args(argv)
+    release_freed_memory()
     torch.set_num_threads(args.threads)
     data = CounterFactDataModule(
         path=args.data,

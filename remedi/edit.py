@@ -26,6 +26,7 @@ from typing import Any, NoReturn
 
 import torch
 
+from remedi.allocator import release_freed_memory
 from remedi.data import EditCase
 from remedi.methods.requests import EditRequest, load_requests
 from remedi.metrics import ScoredRow, row_probabilities
@@ -186,6 +187,7 @@ def save(lm: LoadedModel, output: Path, report: list[dict[str, Any]]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    release_freed_memory()
     args = build_parser().parse_args(argv)
     try:
         requests = load_requests(args.requests)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from remedi.allocator import release_freed_memory
 from remedi.atomic import write_text
 from remedi.data import EditCase, load_cases
 from remedi.methods.registry import MethodResult, prefix_case, score_method
@@ -361,6 +362,7 @@ def evaluate(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    release_freed_memory()
     args = build_parser().parse_args(argv)
     methods = list(dict.fromkeys(args.method))
     problem = _check_args(args)

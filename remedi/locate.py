@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from remedi.allocator import release_freed_memory
 from remedi.atomic import write_json
 from remedi.models import DEFAULT_MODEL, LoadedModel, load_model
 
@@ -197,6 +198,7 @@ def _top1(lm: LoadedModel, prompt: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (2 for bad input)."""
+    release_freed_memory()
     args = _parser().parse_args(argv)
     try:
         _check(args)

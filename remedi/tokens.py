@@ -278,10 +278,25 @@ def continuation_logprobs(logits: torch.Tensor, batch: ContinuationBatch) -> Con
     return _scores(_at_targets(logits, batch), batch)
 
 
+SCORE_CHUNK = 64
+"""Target tokens unembedded at once when scoring: bounds memory to a few ``[64, vocab]`` arrays."""
+
+
 def score_continuations(model: nn.Module, batch: ContinuationBatch) -> ContinuationScores:
     """Run ``model`` once on ``batch`` and score its targets, unembedding only the positions
-    that predict target tokens."""
+    that predict real (unpadded) target tokens, :data:`SCORE_CHUNK` at a time."""
     device = next(model.parameters()).device
     batch = batch.to(device)
     hidden = final_hidden(model, batch.input_ids, batch.attention_mask)
-    return _scores(unembed(model, _at_targets(hidden, batch)), batch)
+    rows, cols = batch.target_mask.nonzero(as_tuple=True)
+    states = hidden[rows, batch.target_positions()[rows, cols]]
+    ids = batch.target_ids[rows, cols]
+    values = []
+    for start in range(0, len(ids), SCORE_CHUNK):
+        logits = unembed(model, states[start : start + SCORE_CHUNK]).float()
+        chosen = logits.gather(1, ids[start : start + SCORE_CHUNK, None])[:, 0]
+        values.append(chosen - logits.logsumexp(-1))
+    token_lp = torch.zeros(batch.target_mask.shape, device=device, dtype=torch.float32)
+    if values:
+        token_lp = token_lp.index_put((rows, cols), torch.cat(values))
+    return ContinuationScores(token_lp, batch.target_mask)

@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from datamodules import EditCaseDataModule
 from lightning_modules import RemediModule
+from remedi.allocator import release_freed_memory
 from remedi.atomic import write_json
 
 DEFAULT_ROOT = "checkpoints"
@@ -87,6 +88,7 @@ class RemediCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> RemediCLI:
     """Run the CLI on ``args`` (``sys.argv[1:]`` when None); returns the CLI for tests."""
+    release_freed_memory()
     return RemediCLI(
         RemediModule,
         EditCaseDataModule,

@@ -17,9 +17,11 @@ from remedi.editors import (
     build_editor,
     examples_from_case,
     generate_edited,
+    kl_divergence,
     logits_at,
     metrics_context,
     remedi_loss,
+    training,
 )
 from remedi.hooks import Site, intervene
 from remedi.metrics import evaluate_cases
@@ -188,3 +190,24 @@ def test_generate_edits_the_prompt_pass_only(lm: LoadedModel) -> None:
         lm, 1, _trained_like("affine", lm), prompts, entities, contexts, max_new_tokens=5
     )
     assert len(edited) == 2
+
+
+def test_kl_divergence_matches_kl_div_value_and_gradient(
+    lm: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(training, "KL_CHUNK", 2)  # several chunks
+    torch.manual_seed(0)
+    orig = torch.randn(5, lm.arch.hidden_size)
+    edited = (orig + torch.randn_like(orig)).requires_grad_(True)
+    ours = kl_divergence(lm.model, orig, edited)
+    (grad,) = torch.autograd.grad(3.0 * ours, edited)
+    head = lm.model.get_output_embeddings()
+    reference = torch.nn.functional.kl_div(
+        torch.log_softmax(head(edited), -1),
+        torch.log_softmax(head(orig), -1),
+        log_target=True,
+        reduction="sum",
+    )
+    (expected,) = torch.autograd.grad(3.0 * reference, edited)
+    torch.testing.assert_close(ours, reference)
+    torch.testing.assert_close(grad, expected)

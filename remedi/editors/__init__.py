@@ -27,6 +27,7 @@ from remedi.editors.training import (
     RemediExample,
     TargetTokens,
     examples_from_case,
+    kl_divergence,
     logits_at,
     remedi_loss,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "editor_edit",
     "examples_from_case",
     "generate_edited",
+    "kl_divergence",
     "logits_at",
     "metrics_context",
     "remedi_loss",

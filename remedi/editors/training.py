@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from remedi.data import EditCase
 from remedi.editors.apply import DirectionRecord, apply_editor
@@ -85,7 +86,7 @@ def logits_at(
     return unembed(lm.model, hidden[rows, cols])
 
 
-def _logprobs(
+def _hidden(
     lm: LoadedModel,
     batch: ContinuationBatch,
     width: int,
@@ -93,15 +94,66 @@ def _logprobs(
     cols: torch.Tensor,
     edit: tuple[int, Editor, torch.Tensor, torch.Tensor, DirectionRecord] | None,
 ) -> torch.Tensor:
+    """Final hidden states ``[cells, hidden]`` at ``(rows, cols)``: of the edited LM (with grad)
+    or, for ``edit=None``, of the unedited LM (no grad)."""
     ids, mask = batch.input_ids[:, :width], batch.attention_mask[:, :width]
     if edit is None:
         with torch.no_grad():
-            hidden = final_hidden(lm.model, ids, mask)
-            return torch.log_softmax(logits_at(lm, hidden, rows, cols).float(), -1)
+            return final_hidden(lm.model, ids, mask)[rows, cols]
     layer, editor, attribute, positions, record = edit
     with apply_editor(lm, layer, editor, attribute, positions, record=record):
         hidden = final_hidden(lm.model, ids, mask)
-    return torch.log_softmax(logits_at(lm, hidden, rows, cols).float(), -1)
+    return hidden[rows, cols]
+
+
+KL_CHUNK = 32
+"""Cells whose ``[cells, vocab]`` logits exist at once inside :func:`kl_divergence`."""
+
+
+class _KLDivergence(torch.autograd.Function):
+    """Σ over cells of KL(p_orig ‖ p_edit) from final hidden states, unembedding
+    :data:`KL_CHUNK` cells at a time and keeping only the gradient with respect to the edited
+    states (``[cells, hidden]``): full-vocabulary arrays never outlive one chunk (262k entries a
+    row for Gemma)."""
+
+    @staticmethod
+    def forward(ctx: Any, model: nn.Module, *states: torch.Tensor) -> torch.Tensor:
+        orig, edited = states
+        total = torch.zeros((), dtype=torch.float32, device=edited.device)
+        grads = []
+        for start in range(0, edited.shape[0], KL_CHUNK):
+            with torch.enable_grad():
+                h = edited[start : start + KL_CHUNK].detach().requires_grad_(True)
+                logp = torch.log_softmax(unembed(model, h).float(), -1)
+                with torch.no_grad():
+                    logp_orig = torch.log_softmax(
+                        unembed(model, orig[start : start + KL_CHUNK]).float(), -1
+                    )
+                kl = (logp_orig.exp() * (logp_orig - logp)).sum()
+                (grad,) = torch.autograd.grad(kl, h)
+            total += kl.detach()
+            grads.append(grad)
+        ctx.save_for_backward(torch.cat(grads) if grads else torch.zeros_like(edited))
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> Any:
+        (gradient,) = ctx.saved_tensors
+        return None, None, grads[0] * gradient
+
+
+def kl_divergence(model: nn.Module, orig: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
+    """Σ over cells of KL(p_orig ‖ p_edit) of the next-token distributions that ``model``
+    unembeds from final hidden states ``orig`` (no grad) and ``edited`` ``[cells, hidden]``,
+    memory-lean (see :class:`_KLDivergence`)."""
+    result: torch.Tensor = _KLDivergence.apply(model, orig, edited)
+    return result
+
+
+def _target_logprobs(lm: LoadedModel, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """log p(ids) per row of final hidden states, without a full log-softmax array."""
+    logits = unembed(lm.model, hidden).float()
+    return logits.gather(1, ids[:, None])[:, 0] - logits.logsumexp(-1)
 
 
 def _log1m_exp(logp: torch.Tensor) -> torch.Tensor:
@@ -149,13 +201,13 @@ def remedi_loss(
         cells = kl_pos + last_pos
         rows = torch.tensor([r for r, _ in cells], device=device, dtype=torch.long)
         cols = torch.tensor([c for _, c in cells], device=device, dtype=torch.long)
-        lp_orig = _logprobs(lm, enc_m, width, rows[: len(kl_pos)], cols[: len(kl_pos)], None)
-        lp_edit = _logprobs(lm, enc_m, width, rows, cols, edit)
-        lp_kl, lp_last = lp_edit[: len(kl_pos)], lp_edit[len(kl_pos) :]
-        logp_m = lp_last.gather(1, enc_m.target_ids[:, :1]).squeeze(1)
-        logp_u = lp_last.gather(1, enc_u.target_ids[:, :1]).squeeze(1)
+        h_orig = _hidden(lm, enc_m, width, rows[: len(kl_pos)], cols[: len(kl_pos)], None)
+        edited = _hidden(lm, enc_m, width, rows, cols, edit)
+        h_edit, last = edited[: len(kl_pos)], edited[len(kl_pos) :]
+        logp_m = _target_logprobs(lm, last, enc_m.target_ids[:, 0])
+        logp_u = _target_logprobs(lm, last, enc_u.target_ids[:, 0])
     elif target_tokens == "all":
-        logp_m, lp_kl, lp_orig = _sequence_logprob(lm, enc_m, kl_pos, edit, with_kl=True)
+        logp_m, h_edit, h_orig = _sequence_logprob(lm, enc_m, kl_pos, edit, with_kl=True)
         logp_u = _sequence_logprob(lm, enc_u, [], edit, with_kl=False)[0]
     else:
         raise ValueError(f"target_tokens {target_tokens!r} must be 'first' or 'all'")
@@ -164,7 +216,7 @@ def remedi_loss(
     terms: dict[str, torch.Tensor] = {
         "mediated": -logp_m.mean(),
         "unmediated": -(_log1m_exp(logp_u) * mask_u).sum() / mask_u.sum().clamp(min=1),
-        "kl": F.kl_div(lp_kl, lp_orig, log_target=True, reduction="sum") / n,
+        "kl": kl_divergence(lm.model, h_orig, h_edit) / n,
     }
     assert record.directions is not None
     terms["norm"] = record.directions.float().norm(dim=-1).mean()
@@ -189,7 +241,8 @@ def _sequence_logprob(
     edit: tuple[int, Editor, torch.Tensor, torch.Tensor, DirectionRecord],
     with_kl: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Summed log-prob of every target token under the edit (and the KL cells when asked)."""
+    """Summed log-prob of every target token under the edit, and the edited and unedited final
+    hidden states at the KL cells (when asked)."""
     device = batch.input_ids.device
     target_pos = batch.target_positions()
     t_rows, t_cols = batch.target_mask.nonzero(as_tuple=True)
@@ -199,11 +252,11 @@ def _sequence_logprob(
     cols = torch.tensor(cells_c, device=device, dtype=torch.long)
     width = batch.input_ids.shape[1]
     k = len(kl_pos)
-    lp_orig = _logprobs(lm, batch, width, rows[:k], cols[:k], None) if with_kl else torch.zeros(0)
-    lp_edit = _logprobs(lm, batch, width, rows, cols, edit)
-    token_lp = lp_edit[k:].gather(1, batch.target_ids[t_rows, t_cols][:, None]).squeeze(1)
+    h_orig = _hidden(lm, batch, width, rows[:k], cols[:k], None) if with_kl else torch.zeros(0)
+    edited = _hidden(lm, batch, width, rows, cols, edit)
+    token_lp = _target_logprobs(lm, edited[k:], batch.target_ids[t_rows, t_cols])
     total = torch.zeros(batch.input_ids.shape[0], device=device).index_add(0, t_rows, token_lp)
-    return total, lp_edit[:k], lp_orig
+    return total, edited[:k], h_orig
 
 
 def _essence_kl(
