@@ -143,3 +143,34 @@ def gemma() -> LoadedModel:
     from remedi.models import load_model
 
     return load_model()
+
+
+COUNTERFACT_RECORDS = [
+    {
+        "case_id": 7,
+        "requested_rewrite": {
+            "prompt": "{} is located in",
+            "subject": "The Eiffel Tower",
+            "target_new": {"str": "Japan"},
+            "target_true": {"str": "France"},
+        },
+        "paraphrase_prompts": ["The Eiffel Tower stands in"],
+        "neighborhood_prompts": ["Paris is located in", "Berlin is the capital of"],
+        "attribute_prompts": ["Toyota is located in", "Tokyo is in"],
+        "generation_prompts": ["The Eiffel Tower is", "The Eiffel Tower is"],
+    },
+    {
+        "case_id": 8,
+        "requested_rewrite": {
+            "prompt": "{} makes",
+            "subject": "Toyota",
+            "target_new": {"str": "phones"},
+            "target_true": {"str": "cars"},
+        },
+        "paraphrase_prompts": ["Toyota is famous, and it makes"],
+        "neighborhood_prompts": ["Microsoft makes"],
+        "attribute_prompts": ["Apple makes"],
+        "generation_prompts": ["Toyota makes"],
+    },
+]
+"""Two ROME-layout CounterFact records for command-line tests on tiny models."""

@@ -7,36 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import COUNTERFACT_RECORDS as RECORDS
 from conftest import tiny_model
 
 from remedi import evaluate
 from remedi.data import load_cases
 from remedi.methods import registry
-
-RECORDS = [
-    {
-        "case_id": 7,
-        "requested_rewrite": {
-            "prompt": "{} is located in",
-            "subject": "The Eiffel Tower",
-            "target_new": {"str": "Japan"},
-            "target_true": {"str": "France"},
-        },
-        "paraphrase_prompts": ["The Eiffel Tower stands in"],
-        "neighborhood_prompts": ["Paris is located in", "Berlin is the capital of"],
-    },
-    {
-        "case_id": 8,
-        "requested_rewrite": {
-            "prompt": "{} makes",
-            "subject": "Toyota",
-            "target_new": {"str": "phones"},
-            "target_true": {"str": "cars"},
-        },
-        "paraphrase_prompts": ["Toyota is famous, and it makes"],
-        "neighborhood_prompts": ["Microsoft makes"],
-    },
-]
 
 
 @pytest.fixture

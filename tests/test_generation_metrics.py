@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import COUNTERFACT_RECORDS as RECORDS
 from conftest import tiny_model
 
 from remedi import evaluate
@@ -132,36 +133,6 @@ def test_sampling_under_an_edit_and_a_context() -> None:
     assert batch.attention_mask[:, -1].all()  # left padded: the prompts end together
     context = generate_samples(lm, PROMPTS, ["Eiffel Tower"] * 2, 10, context="Toyota makes. ")
     assert all(t.startswith(p) for t, p in zip(context, PROMPTS, strict=True))
-
-
-RECORDS = [
-    {
-        "case_id": 7,
-        "requested_rewrite": {
-            "prompt": "{} is located in",
-            "subject": "The Eiffel Tower",
-            "target_new": {"str": "Japan"},
-            "target_true": {"str": "France"},
-        },
-        "paraphrase_prompts": ["The Eiffel Tower stands in"],
-        "neighborhood_prompts": ["Paris is located in"],
-        "attribute_prompts": ["Toyota is located in", "Tokyo is in"],
-        "generation_prompts": ["The Eiffel Tower is", "The Eiffel Tower is"],
-    },
-    {
-        "case_id": 8,
-        "requested_rewrite": {
-            "prompt": "{} makes",
-            "subject": "Toyota",
-            "target_new": {"str": "phones"},
-            "target_true": {"str": "cars"},
-        },
-        "paraphrase_prompts": ["Toyota is famous, and it makes"],
-        "neighborhood_prompts": ["Microsoft makes"],
-        "attribute_prompts": ["Apple makes"],
-        "generation_prompts": ["Toyota makes"],
-    },
-]
 
 
 def test_evaluate_cli_with_generation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
