@@ -60,7 +60,7 @@ def test_print_config_is_complete(capsys: pytest.CaptureFixture[str]) -> None:
     for needle in (
         "inference_mode: false",
         "default_root_dir: checkpoints",
-        "lambda_kl: 10.0",
+        "lambda_kl: 1.0",
         "class_path: datamodules.CounterFactDataModule",
         "monitor: val/loss",
     ):
