@@ -24,6 +24,7 @@ from remedi.data import EditCase, load_builtin
 from remedi.methods import figures
 from remedi.methods import knowledge_neurons as kn
 from remedi.models import load_model
+from remedi.tokens import encode_continuations, next_token_logits
 
 
 def pick_facts(lm, cases: list[EditCase], n: int) -> list[EditCase]:
@@ -41,12 +42,10 @@ def pick_facts(lm, cases: list[EditCase], n: int) -> list[EditCase]:
                 del queues[relation]
                 continue
             prompts = kn.case_prompts(case)
-            batch = kn.encode_continuations(
-                lm.tokenizer, prompts, [case.target_true] * len(prompts)
-            )
+            batch = encode_continuations(lm.tokenizer, prompts, [case.target_true] * len(prompts))
             with torch.no_grad():
-                logits = kn.next_token_logits(
-                    lm, batch.input_ids, batch.attention_mask, batch.last_prompt_index
+                logits = next_token_logits(
+                    lm.model, batch.input_ids, batch.attention_mask, batch.last_prompt_index
                 )
             hits = int((logits.argmax(-1) == batch.target_ids[:, 0]).sum())
             if hits >= 3:

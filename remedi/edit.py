@@ -31,7 +31,7 @@ from remedi.data import EditCase
 from remedi.methods.requests import EditRequest, load_requests
 from remedi.metrics import ScoredRow, row_probabilities
 from remedi.models import LoadedModel
-from remedi.tokens import final_hidden, unembed
+from remedi.tokens import next_token_logits
 
 METHODS = ("rome", "memit", "kn", "ft")
 DEFAULT_THREADS = 1
@@ -119,8 +119,8 @@ def predictions(lm: LoadedModel, requests: Sequence[EditRequest]) -> list[dict[s
     for i, req in enumerate(requests):
         ids = tok(req.rewrite_prompt, return_tensors="pt").to(lm.device)
         with torch.no_grad():
-            hidden = final_hidden(lm.model, ids["input_ids"], ids["attention_mask"])
-            logits = unembed(lm.model, hidden[0, -1]).float()
+            logits = next_token_logits(lm.model, ids["input_ids"], ids["attention_mask"])[0]
+            logits = logits.float()
         top = int(logits.argmax())
         out[i]["top"] = tok.decode([top])
         out[i]["p_top"] = float(torch.softmax(logits, -1)[top])

@@ -185,11 +185,11 @@ def _run_kn(lm: LoadedModel, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _top1(lm: LoadedModel, prompt: str) -> str:
-    from remedi.methods.causal_trace import next_token_logits
+    from remedi.tokens import next_token_logits
 
     ids = lm.tokenizer([prompt], return_tensors="pt")["input_ids"].to(lm.device)
     with torch.no_grad():
-        token = int(next_token_logits(lm, ids)[0].argmax())
+        token = int(next_token_logits(lm.model, ids)[0].argmax())
     text = str(lm.tokenizer.decode([token])).strip()
     if not text:
         raise InputError(f"the top-1 token after {prompt!r} is blank; pass --target")

@@ -8,9 +8,10 @@ so the model sees exactly the tokens it would see in running text. Padding is ha
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -300,3 +301,47 @@ def score_continuations(model: nn.Module, batch: ContinuationBatch) -> Continuat
     if values:
         token_lp = token_lp.index_put((rows, cols), torch.cat(values))
     return ContinuationScores(token_lp, batch.target_mask)
+
+
+def next_token_logits(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
+    past_key_values: Any = None,
+) -> torch.Tensor:
+    """Logits ``[batch, vocab]`` at one position per row (default: the last column).
+
+    Runs the model's base transformer and applies the unembedding to those positions only, as a
+    plain 2-D matrix product; this is several times faster on CPU than ``logits_to_keep`` for
+    large vocabularies and keeps gradients. Final-logit soft-capping (Gemma 2) is applied.
+    ``past_key_values`` continues a prompt whose earlier tokens are cached (and is extended).
+    """
+    body: nn.Module = model.base_model  # type: ignore[assignment]
+    out = body(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        past_key_values=past_key_values,
+        use_cache=past_key_values is not None,
+    )
+    hidden = out.last_hidden_state
+    if positions is None:
+        last = hidden[:, -1]
+    else:
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), positions]
+    return unembed(model, last)
+
+
+def prefix_cache(model: nn.Module, prefix: torch.Tensor) -> Any:
+    """Key/value cache of running ``prefix`` (``[rows, n]``), to continue it without recomputing."""
+    body: nn.Module = model.base_model  # type: ignore[assignment]
+    with torch.no_grad():
+        return body(input_ids=prefix, use_cache=True).past_key_values
+
+
+def repeat_cache(cache: Any, repeats: int) -> Any:
+    """A copy of ``cache`` with each row repeated ``repeats`` times (row ``r`` of the copy holds
+    row ``r // repeats`` of the original)."""
+    own = copy.deepcopy(cache)
+    own.batch_repeat_interleave(repeats)
+    return own

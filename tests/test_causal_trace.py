@@ -11,6 +11,7 @@ from conftest import MODEL_TYPES, tiny_model
 
 from remedi.hooks import EMBEDDINGS, Site, intervene, replace_at
 from remedi.methods import causal_trace as ct
+from remedi.tokens import next_token_logits
 
 PROMPT = "The Eiffel Tower is located in Paris"
 SUBJECT = "Eiffel Tower"
@@ -47,7 +48,7 @@ def test_next_token_logits_match_the_model(model_type: str) -> None:
     last = enc["attention_mask"].sum(1) - 1
     with torch.no_grad():
         full = lm.model(**enc).logits
-        ours = ct.next_token_logits(lm, enc["input_ids"], enc["attention_mask"], last)
+        ours = next_token_logits(lm.model, enc["input_ids"], enc["attention_mask"], last)
     torch.testing.assert_close(ours, full[torch.arange(2), last])
 
 

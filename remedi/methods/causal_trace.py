@@ -19,7 +19,6 @@ are filled with the corrupted probability instead of being run.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -29,7 +28,14 @@ from tqdm.auto import tqdm
 
 from remedi.hooks import EMBEDDINGS, EditFn, Site, SiteKind, intervene, replace_at
 from remedi.models import LoadedModel
-from remedi.tokens import TokenSpan, encode_continuations, encode_prompts, unembed
+from remedi.tokens import (
+    TokenSpan,
+    encode_continuations,
+    encode_prompts,
+    next_token_logits,
+    prefix_cache,
+    repeat_cache,
+)
 
 TraceKind = Literal["hidden", "mlp", "attn"]
 KINDS: tuple[TraceKind, ...] = ("hidden", "mlp", "attn")
@@ -76,48 +82,6 @@ class TraceResult:
             "samples": self.samples,
             "window": self.window,
         }
-
-
-def next_token_logits(
-    lm: LoadedModel,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    positions: torch.Tensor | None = None,
-    past_key_values: Any = None,
-) -> torch.Tensor:
-    """Logits ``[batch, vocab]`` at one position per row (default: the last column).
-
-    Runs the model's base transformer and applies the unembedding to those positions only, as a
-    plain 2-D matrix product; this is several times faster on CPU than ``logits_to_keep`` for
-    large vocabularies and keeps gradients. Final-logit soft-capping (Gemma 2) is applied.
-    ``past_key_values`` continues a prompt whose earlier tokens are cached (and is extended).
-    """
-    out = lm.model.base_model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        past_key_values=past_key_values,
-        use_cache=past_key_values is not None,
-    )
-    hidden = out.last_hidden_state
-    if positions is None:
-        last = hidden[:, -1]
-    else:
-        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), positions]
-    return unembed(lm.model, last)
-
-
-def prefix_cache(lm: LoadedModel, prefix: torch.Tensor) -> Any:
-    """Key/value cache of running ``prefix`` (``[rows, n]``), to continue it without recomputing."""
-    with torch.no_grad():
-        return lm.model.base_model(input_ids=prefix, use_cache=True).past_key_values
-
-
-def repeat_cache(cache: Any, repeats: int) -> Any:
-    """A copy of ``cache`` with each row repeated ``repeats`` times (row ``r`` of the copy holds
-    row ``r // repeats`` of the original)."""
-    own = copy.deepcopy(cache)
-    own.batch_repeat_interleave(repeats)
-    return own
 
 
 def embedding_std(lm: LoadedModel, subjects: Sequence[str]) -> float:
@@ -210,7 +174,7 @@ def _restore_chunk(
     own = repeat_cache(cache, n_jobs) if cache is not None else None
     edits[EMBEDDINGS] = corrupt_subject(span, noise, offset)
     with intervene(lm.arch, edit=edits):
-        logits = next_token_logits(lm, ids, past_key_values=own)
+        logits = next_token_logits(lm.model, ids, past_key_values=own)
     probs = torch.softmax(logits.float(), dim=-1)[:, target_id]
     return probs.view(samples, n_jobs).mean(0).cpu()
 
@@ -273,11 +237,11 @@ def trace(
     sites = [Site(SITE_OF_KIND[k], layer) for k in kinds for layer in range(n_layers)]
     with torch.no_grad():
         with intervene(arch, record=sites) as clean:
-            clean_logits = next_token_logits(lm, input_ids)
+            clean_logits = next_token_logits(lm.model, input_ids)
         clean_probs = torch.softmax(clean_logits.float(), dim=-1)[0]
         target_id = int(clean_probs.argmax()) if target is None else _target_id(lm, prompt, target)
         with intervene(arch, edit={EMBEDDINGS: corrupt_subject(span, noise)}):
-            corrupted_logits = next_token_logits(lm, input_ids.expand(samples, -1))
+            corrupted_logits = next_token_logits(lm.model, input_ids.expand(samples, -1))
         corrupted_prob = float(torch.softmax(corrupted_logits.float(), dim=-1)[:, target_id].mean())
 
         chosen_layers = range(n_layers) if layers is None else [arch.check_layer(x) for x in layers]
@@ -300,7 +264,7 @@ def trace(
             if token > 0 and token not in caches:
                 caches = {}
                 with intervene(arch, edit={EMBEDDINGS: corrupt_subject(span, noise)}):
-                    caches[token] = prefix_cache(lm, input_ids[:, :token].expand(samples, -1))
+                    caches[token] = prefix_cache(lm.model, input_ids[:, :token].expand(samples, -1))
             probs = _restore_chunk(
                 lm,
                 input_ids,

@@ -29,10 +29,15 @@ from tqdm.auto import tqdm
 
 from remedi.data import EditCase
 from remedi.hooks import Positions, Site, intervene, replace_at, scale_at
-from remedi.methods.causal_trace import next_token_logits, prefix_cache, repeat_cache
 from remedi.methods.weights import EditHandle, backup, param_name
 from remedi.models import LoadedModel
-from remedi.tokens import encode_continuations, encode_prompts
+from remedi.tokens import (
+    encode_continuations,
+    encode_prompts,
+    next_token_logits,
+    prefix_cache,
+    repeat_cache,
+)
 
 
 @dataclass(frozen=True, order=True)
@@ -73,9 +78,9 @@ def _prompt_and_target(lm: LoadedModel, prompt: str, target: str) -> tuple[torch
 def _last_token_logits(lm: LoadedModel, ids: torch.Tensor, cache: Any, rows: int) -> torch.Tensor:
     """Logits at the last prompt token for ``rows`` copies of the prompt, reusing ``cache``."""
     if cache is None:
-        return next_token_logits(lm, ids.expand(rows, -1))
+        return next_token_logits(lm.model, ids.expand(rows, -1))
     last = ids[:, -1:].expand(rows, -1)
-    return next_token_logits(lm, last, past_key_values=repeat_cache(cache, rows))
+    return next_token_logits(lm.model, last, past_key_values=repeat_cache(cache, rows))
 
 
 def attribute(
@@ -102,7 +107,7 @@ def attribute(
         list(range(arch.num_layers)) if layers is None else [arch.check_layer(x) for x in layers]
     )
     ids, target_id = _prompt_and_target(lm, prompt, target)
-    cache = prefix_cache(lm, ids[:, :-1]) if ids.shape[1] > 1 else None
+    cache = prefix_cache(lm.model, ids[:, :-1]) if ids.shape[1] > 1 else None
     sites = [Site("mlp_in", layer) for layer in chosen]
     with torch.no_grad(), intervene(arch, record=sites) as states:
         _last_token_logits(lm, ids, cache, 1)
@@ -262,10 +267,10 @@ def answer_probs(
     first = batch.target_ids[:, 0]
     with torch.no_grad():
         if factor is None:
-            logits = next_token_logits(lm, batch.input_ids, batch.attention_mask, last)
+            logits = next_token_logits(lm.model, batch.input_ids, batch.attention_mask, last)
         else:
             with scaled(lm, neurons, factor, last):
-                logits = next_token_logits(lm, batch.input_ids, batch.attention_mask, last)
+                logits = next_token_logits(lm.model, batch.input_ids, batch.attention_mask, last)
     probs = torch.softmax(logits.float(), dim=-1)
     return probs[torch.arange(len(first)), first].cpu()
 
@@ -369,7 +374,7 @@ def apply_update(lm: LoadedModel, case: EditCase, **hparams: Any) -> EditHandle:
 def _top1_answer(lm: LoadedModel, prompt: str) -> str:
     ids = lm.tokenizer([prompt], return_tensors="pt")["input_ids"].to(lm.device)
     with torch.no_grad():
-        token = int(next_token_logits(lm, ids)[0].argmax())
+        token = int(next_token_logits(lm.model, ids)[0].argmax())
     text = str(lm.tokenizer.decode([token])).strip()
     if not text:
         raise ValueError(f"target_true is empty and the top-1 answer to {prompt!r} is blank")
