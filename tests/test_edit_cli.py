@@ -13,6 +13,7 @@ import torch
 from conftest import tiny_model
 
 from remedi import edit
+from remedi.methods import rome
 from remedi.methods.requests import load_requests, parse_request
 from remedi.models import load_model
 
@@ -162,7 +163,8 @@ def test_default_model_round_trip(gemma, tmp_path: Path, capsys: pytest.CaptureF
     edited = load_model(str(out))
     original = dict(gemma.model.named_parameters())
     changed = [n for n, p in edited.model.named_parameters() if not torch.equal(p, original[n])]
-    assert changed == ["model.layers.2.mlp.down_proj.weight"]
+    layer = rome.default_layer(gemma)
+    assert changed == [f"model.layers.{layer}.mlp.down_proj.weight"]
     again = edit.predictions(edited, [parse_request(REQUESTS[0])])[0]
     assert again["top"] == report["after"]["top"]
     assert again["p_top"] == pytest.approx(report["after"]["p_top"], rel=1e-4)
