@@ -23,7 +23,7 @@ from remedi.data import load_cases
 from remedi.methods import causal_trace
 from remedi.methods.causal_trace import TraceResult
 from remedi.models import load_model
-from remedi.tokens import next_token_logits
+from remedi.tokens import top_token
 
 CATEGORIES = ("first subject", "middle subject", "last subject", "first after", "later", "last")
 DATA = "/work/shared/data/known_1000/known_1000.json"
@@ -47,10 +47,7 @@ def category(result: TraceResult, token: int) -> str:
 
 
 def predicts(lm, prompt: str, answer: str) -> bool:
-    ids = lm.tokenizer([prompt], return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        token = int(next_token_logits(lm.model, ids)[0].argmax())
-    text = lm.tokenizer.decode([token])
+    text = top_token(lm.model, lm.tokenizer, prompt)
     return bool(text.strip()) and (" " + answer).startswith(text)
 
 

@@ -185,12 +185,9 @@ def _run_kn(lm: LoadedModel, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _top1(lm: LoadedModel, prompt: str) -> str:
-    from remedi.tokens import next_token_logits
+    from remedi.tokens import top_token
 
-    ids = lm.tokenizer([prompt], return_tensors="pt")["input_ids"].to(lm.device)
-    with torch.no_grad():
-        token = int(next_token_logits(lm.model, ids)[0].argmax())
-    text = str(lm.tokenizer.decode([token])).strip()
+    text = top_token(lm.model, lm.tokenizer, prompt).strip()
     if not text:
         raise InputError(f"the top-1 token after {prompt!r} is blank; pass --target")
     return text

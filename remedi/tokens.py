@@ -279,6 +279,12 @@ def continuation_logprobs(logits: torch.Tensor, batch: ContinuationBatch) -> Con
     return _scores(_at_targets(logits, batch), batch)
 
 
+def token_logprobs(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``log softmax(logits)[ids]`` per row of ``[n, vocab]`` logits, without a full
+    log-softmax array."""
+    return logits.gather(1, ids[:, None])[:, 0] - logits.logsumexp(-1)
+
+
 SCORE_CHUNK = 64
 """Target tokens unembedded at once when scoring: bounds memory to a few ``[64, vocab]`` arrays."""
 
@@ -295,8 +301,7 @@ def score_continuations(model: nn.Module, batch: ContinuationBatch) -> Continuat
     values = []
     for start in range(0, len(ids), SCORE_CHUNK):
         logits = unembed(model, states[start : start + SCORE_CHUNK]).float()
-        chosen = logits.gather(1, ids[start : start + SCORE_CHUNK, None])[:, 0]
-        values.append(chosen - logits.logsumexp(-1))
+        values.append(token_logprobs(logits, ids[start : start + SCORE_CHUNK]))
     token_lp = torch.zeros(batch.target_mask.shape, device=device, dtype=torch.float32)
     if values:
         token_lp = token_lp.index_put((rows, cols), torch.cat(values))
@@ -345,3 +350,13 @@ def repeat_cache(cache: Any, repeats: int) -> Any:
     own = copy.deepcopy(cache)
     own.batch_repeat_interleave(repeats)
     return own
+
+
+def top_token(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+    """The decoded top-1 next token after ``prompt`` (as the tokenizer spells it, e.g. with its
+    leading space)."""
+    device = next(model.parameters()).device
+    ids = tokenizer([prompt], return_tensors="pt")["input_ids"].to(device)
+    with torch.no_grad():
+        token = int(next_token_logits(model, ids)[0].argmax())
+    return str(tokenizer.decode([token]))

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from remedi.data import EditCase
@@ -25,6 +24,7 @@ from remedi.tokens import (
     encode_continuations,
     encode_prompts,
     final_hidden,
+    token_logprobs,
     unembed,
 )
 
@@ -152,8 +152,7 @@ def kl_divergence(model: nn.Module, orig: torch.Tensor, edited: torch.Tensor) ->
 
 def _target_logprobs(lm: LoadedModel, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """log p(ids) per row of final hidden states, without a full log-softmax array."""
-    logits = unembed(lm.model, hidden).float()
-    return logits.gather(1, ids[:, None])[:, 0] - logits.logsumexp(-1)
+    return token_logprobs(unembed(lm.model, hidden).float(), ids)
 
 
 def _log1m_exp(logp: torch.Tensor) -> torch.Tensor:
@@ -272,9 +271,7 @@ def _essence_kl(
     rows = torch.arange(len(entities), device=lm.device)
     cols = batch.last_index
     with torch.no_grad():
-        hidden = final_hidden(lm.model, batch.input_ids, batch.attention_mask)
-        lp_orig = torch.log_softmax(logits_at(lm, hidden, rows, cols).float(), -1)
+        orig = final_hidden(lm.model, batch.input_ids, batch.attention_mask)[rows, cols]
     with apply_editor(lm, layer, editor, attribute.to(lm.device), batch.subject_last):
-        hidden = final_hidden(lm.model, batch.input_ids, batch.attention_mask)
-    lp_edit = torch.log_softmax(logits_at(lm, hidden, rows, cols).float(), -1)
-    return F.kl_div(lp_edit, lp_orig, log_target=True, reduction="sum") / len(entities)
+        edited = final_hidden(lm.model, batch.input_ids, batch.attention_mask)[rows, cols]
+    return kl_divergence(lm.model, orig, edited) / len(entities)

@@ -37,6 +37,7 @@ from remedi.tokens import (
     next_token_logits,
     prefix_cache,
     repeat_cache,
+    top_token,
 )
 
 
@@ -372,10 +373,7 @@ def apply_update(lm: LoadedModel, case: EditCase, **hparams: Any) -> EditHandle:
 
 
 def _top1_answer(lm: LoadedModel, prompt: str) -> str:
-    ids = lm.tokenizer([prompt], return_tensors="pt")["input_ids"].to(lm.device)
-    with torch.no_grad():
-        token = int(next_token_logits(lm.model, ids)[0].argmax())
-    text = str(lm.tokenizer.decode([token])).strip()
+    text = top_token(lm.model, lm.tokenizer, prompt).strip()
     if not text:
         raise ValueError(f"target_true is empty and the top-1 answer to {prompt!r} is blank")
     return text
