@@ -360,3 +360,23 @@ def top_token(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str)
     with torch.no_grad():
         token = int(next_token_logits(model, ids)[0].argmax())
     return str(tokenizer.decode([token]))
+
+
+def generate_continuations(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    batch: PromptBatch,
+    max_new_tokens: int,
+    **generate_kwargs: object,
+) -> list[str]:
+    """The decoded new tokens ``model.generate`` appends to each (left-padded) prompt of
+    ``batch``."""
+    out = model.generate(  # type: ignore[operator]
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        **generate_kwargs,
+    )
+    new_tokens = out[:, batch.input_ids.shape[1] :]
+    return [str(t) for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

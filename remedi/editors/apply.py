@@ -19,7 +19,12 @@ from remedi.editors.modules import Editor
 from remedi.hooks import EditFn, Positions, Site, add_at, intervene, position_index
 from remedi.metrics import EditContext, ScoredRow
 from remedi.models import LoadedModel
-from remedi.tokens import ContinuationBatch, encode_continuations, encode_prompts
+from remedi.tokens import (
+    ContinuationBatch,
+    encode_continuations,
+    encode_prompts,
+    generate_continuations,
+)
 
 
 @torch.no_grad()
@@ -183,12 +188,4 @@ def generate_edited(
         _eval_mode(editor),
         apply_editor(lm, layer, editor, attribute, batch.subject_last, prompt_pass_only=True),
     ):
-        out = lm.model.generate(  # type: ignore[operator]
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=lm.tokenizer.pad_token_id,
-            **kwargs,
-        )
-    new_tokens = out[:, batch.input_ids.shape[1] :]
-    return [str(t) for t in lm.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        return generate_continuations(lm.model, lm.tokenizer, batch, max_new_tokens, **kwargs)

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from remedi.data.cases import EditCase
-from remedi.tokens import PromptBatch, encode_prompts
+from remedi.tokens import PromptBatch, encode_prompts, generate_continuations
 
 if TYPE_CHECKING:
     from remedi.models import LoadedModel
@@ -146,22 +146,19 @@ def generate_samples(
     devices = [lm.device] if lm.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), edit(batch) if edit else nullcontext():
         torch.manual_seed(seed)
-        out = lm.model.generate(  # type: ignore[operator]
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
+        continuations = generate_continuations(
+            lm.model,
+            lm.tokenizer,
+            batch,
+            max_new_tokens,
             do_sample=True,
             top_k=top_k,
             top_p=1.0,
             temperature=1.0,
             repetition_penalty=1.0,
-            max_new_tokens=max_new_tokens,
             min_new_tokens=max_new_tokens,
-            pad_token_id=lm.tokenizer.pad_token_id,
         )
-    continuations = lm.tokenizer.batch_decode(
-        out[:, batch.input_ids.shape[1] :], skip_special_tokens=True
-    )
-    return [p + str(c) for p, c in zip(prompts, continuations, strict=True)]
+    return [p + c for p, c in zip(prompts, continuations, strict=True)]
 
 
 def case_samples(
