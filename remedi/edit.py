@@ -31,6 +31,7 @@ from remedi.data import EditCase
 from remedi.methods.requests import EditRequest, load_requests
 from remedi.metrics import ScoredRow, row_probabilities
 from remedi.models import LoadedModel
+from remedi.models.loading import save_tokenizer
 from remedi.tokens import next_token_logits
 
 METHODS = ("rome", "memit", "kn", "ft")
@@ -173,7 +174,7 @@ def save(lm: LoadedModel, output: Path, report: list[dict[str, Any]]) -> None:
     old = None
     try:
         lm.model.save_pretrained(tmp)
-        lm.tokenizer.save_pretrained(tmp)
+        save_tokenizer(lm.tokenizer, tmp)
         (tmp / "edits.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         if output.exists():
             old = output.with_name(output.name + ".old-" + tmp.name.rsplit("-", 1)[-1])

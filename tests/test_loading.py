@@ -125,3 +125,50 @@ def test_default_model_skips_rehashing_a_cached_gguf(
     monkeypatch.setattr(packaged, "EXPECTED_SHA256", "a new release")
     assert loading._local_source(loading.DEFAULT_MODEL) not in (first, second)
     assert len(assembled) == 3
+
+
+def test_own_tokenizers_are_kept_pickled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """remedi's dequantised directories keep their built tokenizer; a bad pickle is rebuilt."""
+    from remedi.models import loading
+
+    tiny = tiny_model("gemma3_text")
+    tiny.tokenizer.save_pretrained(tmp_path)
+    first = loading.load_tokenizer(str(tmp_path), keep_pickled=True)
+    (pickled,) = tmp_path.glob("tokenizer-*.pkl")
+    calls: list[str] = []
+    real = loading.AutoTokenizer.from_pretrained
+
+    def counted(source: str):
+        calls.append(source)
+        return real(source)
+
+    monkeypatch.setattr(loading.AutoTokenizer, "from_pretrained", counted)
+    again = loading.load_tokenizer(str(tmp_path), keep_pickled=True)
+    assert calls == []
+    text = "The Eiffel Tower is located in Paris"
+    assert again(text)["input_ids"] == first(text)["input_ids"] == tiny.tokenizer(text)["input_ids"]
+    assert again.padding_side == first.padding_side
+    pickled.write_bytes(b"not a pickle")
+    rebuilt = loading.load_tokenizer(str(tmp_path), keep_pickled=True)
+    assert calls == [str(tmp_path)] and rebuilt(text)["input_ids"] == first(text)["input_ids"]
+    loading.load_tokenizer(str(tmp_path))
+    assert len(calls) == 2 and len(list(tmp_path.glob("tokenizer-*.pkl"))) == 1
+
+
+def test_save_tokenizer_copies_a_local_tokenizers_files(tmp_path: Path) -> None:
+    from remedi.models import loading
+
+    tiny = tiny_model("gpt2")
+    source, copied, saved = tmp_path / "source", tmp_path / "copied", tmp_path / "saved"
+    for directory in (copied, saved):
+        directory.mkdir()
+    tiny.tokenizer.save_pretrained(source)
+    loading.save_tokenizer(loading.load_tokenizer(str(source)), copied)
+    assert sorted(p.name for p in copied.iterdir()) == sorted(p.name for p in source.iterdir())
+    for file in source.iterdir():
+        assert (copied / file.name).read_bytes() == file.read_bytes()
+    loading.save_tokenizer(tiny.tokenizer, saved)  # built in memory: save_pretrained
+    text = "Toyota makes cars"
+    for directory in (copied, saved):
+        tok = loading.load_tokenizer(str(directory))
+        assert tok(text)["input_ids"] == tiny.tokenizer(text)["input_ids"]

@@ -3,6 +3,8 @@ check on the default model."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from conftest import MODEL_TYPES, tiny_model
@@ -46,6 +48,21 @@ def test_suffix_run_logits_match_full_forward(model_type: str) -> None:
             cols = torch.arange(split[i], len(row))
             got = run.logits_at(torch.full_like(cols, i), cols)
             torch.testing.assert_close(got, full[cols], rtol=1e-4, atol=1e-4)
+
+
+def test_deltas_optimised_in_bfloat16_match_float32() -> None:
+    """δ is optimised on a cached bfloat16 copy by default; it lands where float32 would."""
+    lm = tiny_model("gemma3_text")
+    site = rome.Site("mlp", 1)
+    templates = rome.context_templates(2)
+    hp = rome.RomeHyperParams(n_context=2, steps=5, lr=0.05, clamp=1.0)
+    fast = rome.optimise_delta(lm, site, REQUEST, templates, hp)
+    exact = rome.optimise_delta(lm, site, REQUEST, templates, replace(hp, optimise_dtype=None))
+    assert rome.optimisation_model(lm, "bfloat16").dtype is torch.bfloat16
+    assert rome.optimisation_model(lm, None) is lm
+    cosine = torch.nn.functional.cosine_similarity(fast.delta, exact.delta, dim=0)
+    assert float(cosine) > 0.95
+    assert fast.target_prob == pytest.approx(exact.target_prob, rel=0.05)
 
 
 def test_batched_deltas_match_one_request_at_a_time() -> None:

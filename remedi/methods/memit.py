@@ -74,6 +74,8 @@ class MemitHyperParams:
     typical key's kᵀ(λC)⁻¹k, i.e. how much of its residual one layer takes, as on GPT-J."""
     request_batch: int = 16
     """Target states optimised together in one batch (same result as one at a time, faster)."""
+    optimise_dtype: str | None = "bfloat16"
+    """dtype of the LM copy the target states are optimised on (see ``RomeHyperParams``)."""
 
 
 GPTJ_LAMBDA = 15_000.0
@@ -160,6 +162,7 @@ def apply_edits(
         clamp=hp.clamp,
         kl_weight=hp.kl_weight,
         weight_decay=hp.weight_decay,
+        optimise_dtype=hp.optimise_dtype,
     )
 
     targets = []

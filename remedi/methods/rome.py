@@ -9,7 +9,9 @@ Choices (recorded in ``handle.info``):
 - k* (the mean key over templates) is used both in the left vector and in the residual
   ``v* − W k*`` (the r-ROME fix), so the updated weight maps k* exactly to v* = W k* + δ;
 - δ is optimised on the tokens from the last subject token on: the tokens before it are run once
-  into a KV cache, each step runs only the rest, with logits only at the scored positions.
+  into a KV cache, each step runs only the rest, with logits only at the scored positions;
+- δ is optimised on a cached bfloat16 copy of a float32 LM (``optimise_dtype``; 2.3x faster on
+  CPU, same edit quality), while k*, W k* and the update itself use the LM's own weights.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from remedi.hooks import Site, add_at, intervene
 from remedi.methods.requests import EditRequest, as_request
 from remedi.methods.second_moment import SecondMoment, as_matrix
 from remedi.methods.weights import EditHandle, backup, param_name
-from remedi.models import LoadedModel
+from remedi.models import LoadedModel, resolve_dtype
+from remedi.models.cast_copy import cast_copy
 from remedi.tokens import encode_continuations, encode_prompts, unembed
 
 CONTEXT_PREFIXES: tuple[str, ...] = (
@@ -105,6 +108,9 @@ class RomeHyperParams:
     kl_weight: float = 0.0625
     weight_decay: float = 0.5
     kl_prompt: str = "{} is a"
+    optimise_dtype: str | None = "bfloat16"
+    """dtype of the LM copy δ is optimised on when the LM is float32 (None: the LM itself);
+    bfloat16 runs 2.3x faster on CPU with the same edit quality (see the README)."""
 
 
 def mlp_out_param(lm: LoadedModel, layer: int) -> torch.Tensor:
@@ -288,6 +294,7 @@ def optimise_deltas(
     The losses are summed, so each δ sees only its own gradient, and Adam (elementwise) takes
     the same steps as when run alone; a request that reaches ``loss_threshold`` is frozen there.
     """
+    lm = optimisation_model(lm, hp.optimise_dtype)
     tok = lm.tokenizer
     n_req, n_t = len(requests), len(templates)
     prompts = [t.replace("{}", r.rewrite_prompt) for r in requests for t in templates]
@@ -298,8 +305,6 @@ def optimise_deltas(
     kl_subjects = [r.subject for r in requests]
     kl = encode_prompts(tok, [hp.kl_prompt.replace("{}", e) for e in kl_subjects], kl_subjects)
     n = len(prompts)
-    rows = [cont.input_ids[i, : int(cont.attention_mask[i].sum())] for i in range(n)]
-    rows += [kl.input_ids[j, : int(kl.attention_mask[j].sum())] for j in range(n_req)]
     assert cont.subject_spans is not None
     subject_last = [s.last for s in cont.subject_spans] + kl.subject_last.tolist()
     owner = torch.cat([torch.arange(n_req).repeat_interleave(n_t), torch.arange(n_req)])
@@ -308,23 +313,24 @@ def optimise_deltas(
     target_mask = cont.target_mask
     nll_rows, nll_cols = target_mask.nonzero(as_tuple=True)
     kl_rows = torch.arange(n, n + n_req)
-    read_rows = torch.cat([nll_rows, kl_rows]).to(lm.device)
+    read_rows = torch.cat([nll_rows, kl_rows])
     read_cols = torch.cat([positions[nll_rows, nll_cols], torch.tensor(subject_last[n:])])
-    read_cols = read_cols.to(lm.device)
+    # Each row runs only up to its last read position: the final target token and the KL
+    # prompt's words after the subject never feed a scored prediction.
+    ends = [0] * (n + n_req)
+    for row, col in zip(read_rows.tolist(), read_cols.tolist(), strict=True):
+        ends[row] = max(ends[row], col + 1)
+    rows = [cont.input_ids[i, : ends[i]] for i in range(n)]
+    rows += [kl.input_ids[j, : ends[n + j]] for j in range(n_req)]
+    read_rows, read_cols = read_rows.to(lm.device), read_cols.to(lm.device)
     target_ids = cont.target_ids[nll_rows, nll_cols].to(lm.device)
     weights = (1.0 / target_mask.sum(1).float())[nll_rows].to(lm.device) / n_t
     nll_owner = owner[nll_rows].to(lm.device)
+    n_nll = len(nll_rows)
 
     run = SuffixRun(lm, rows, subject_last)
-    with torch.no_grad(), intervene(lm.arch, record=[site]) as st:
-        logits0 = run.logits_at(read_rows[len(nll_rows) :], read_cols[len(nll_rows) :])
-    kl_ref = torch.log_softmax(logits0, -1)
-    first_rows = torch.arange(n_req) * n_t
-    init = st[site][first_rows.to(lm.device), 0].float()
-    init_norm = init.norm(dim=-1)
-    max_norm = (hp.clamp if hp.clamp is not None else default_clamp(lm)) * init_norm
-
-    delta = torch.zeros_like(init, requires_grad=True)
+    first_rows = (torch.arange(n_req) * n_t).to(lm.device)
+    delta = torch.zeros(n_req, lm.arch.hidden_size, device=lm.device, requires_grad=True)
     optimiser = torch.optim.Adam([delta], lr=hp.lr)
     row_owner = owner.to(lm.device)
     edit_positions = torch.zeros(len(rows), dtype=torch.long, device=lm.device)
@@ -334,19 +340,25 @@ def optimise_deltas(
     done = torch.zeros(n_req, dtype=torch.bool, device=lm.device)
     for step in range(1, hp.steps + 1):
         optimiser.zero_grad()
-        with intervene(lm.arch, edit={site: add_at(edit_positions, delta[row_owner])}):
+        edit = {site: add_at(edit_positions, delta[row_owner])}
+        with intervene(lm.arch, record=[site] if step == 1 else [], edit=edit) as states:
             logits = run.logits_at(read_rows, read_cols)
         logprobs = torch.log_softmax(logits, -1)
-        token_lp = logprobs[: len(nll_rows)].gather(1, target_ids[:, None])[:, 0]
+        if step == 1:  # δ = 0: the unedited values and next-token distributions
+            init = states[site][first_rows, 0].detach().float()
+            init_norm = init.norm(dim=-1)
+            max_norm = (hp.clamp if hp.clamp is not None else default_clamp(lm)) * init_norm
+            kl_ref = logprobs[n_nll:].detach()
+        token_lp = logprobs[:n_nll].gather(1, target_ids[:, None])[:, 0]
         nll = torch.zeros(n_req, device=lm.device).index_add(0, nll_owner, -token_lp * weights)
-        kl_lp = logprobs[len(nll_rows) :]
+        kl_lp = logprobs[n_nll:]
         kl_div = (kl_lp.exp() * (kl_lp - kl_ref)).sum(-1)
         decay = delta.norm(dim=-1) / init_norm**2
         loss = nll + hp.kl_weight * kl_div + hp.weight_decay * decay
         fit = (nll + hp.kl_weight * kl_div).detach()
         for j in (~done).nonzero()[:, 0].tolist():
-            losses[j].append(float(loss[j]))
-            probs[j] = math.exp(-float(nll[j]))
+            losses[j].append(float(loss[j].detach()))
+            probs[j] = math.exp(-float(nll[j].detach()))
             if float(fit[j]) < hp.loss_threshold or step == hp.steps:
                 steps[j] = step
                 done[j] = True
@@ -363,6 +375,13 @@ def optimise_deltas(
         DeltaResult(delta[j].detach(), float(init_norm[j]), steps[j], losses[j], probs[j])
         for j in range(n_req)
     ]
+
+
+def optimisation_model(lm: LoadedModel, dtype: str | None) -> LoadedModel:
+    """The LM to optimise δ on: a cached ``dtype`` copy when ``lm`` is float32, else ``lm``."""
+    if dtype is None or lm.dtype != torch.float32:
+        return lm
+    return cast_copy(lm, resolve_dtype(dtype))
 
 
 def rank_one_update(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -12,10 +13,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import tokenizers
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from remedi.atomic import atomic_path
 from remedi.models.architectures import Arch, arch_for
 
 log = logging.getLogger(__name__)
@@ -26,6 +30,15 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+"""The tokenizer files of a Hugging Face directory besides the class's own vocabulary files."""
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -85,10 +98,55 @@ def load_model(
     model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
         source, dtype=torch_dtype, device_map=device if on_gpu else None
     )
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    own = Path(source).parent == cache_dir() / "models"  # a dequantised GGUF, built by remedi
+    tokenizer = load_tokenizer(source, keep_pickled=own)
     if not on_gpu:
         model.to(device)  # type: ignore[arg-type]
     return _finish(model, tokenizer, spec, start)
+
+
+def load_tokenizer(source: str, keep_pickled: bool = False) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer`` for ``source``; ``keep_pickled`` keeps the built tokenizer in ``source``.
+
+    For remedi's own dequantised directories: building Gemma-3's tokenizer from its 33 MB
+    ``tokenizer.json`` takes about 2.8 s (transformers parses the JSON three times in Python),
+    unpickling it about 1 s. The pickle's name holds the transformers and tokenizers versions;
+    one that fails to load is rebuilt.
+    """
+    if not keep_pickled:
+        return AutoTokenizer.from_pretrained(source)
+    versions = f"{transformers.__version__}-{tokenizers.__version__}"
+    cached = Path(source) / f"tokenizer-{versions}.pkl"
+    if cached.is_file():
+        try:
+            with cached.open("rb") as f:
+                tokenizer = pickle.load(f)
+            if isinstance(tokenizer, PreTrainedTokenizerBase):
+                return tokenizer
+        except Exception as err:  # a stale or truncated pickle: rebuild it below
+            log.warning("rebuilding the cached tokenizer %s (%s)", cached, err)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    with atomic_path(cached) as tmp, tmp.open("wb") as f:
+        pickle.dump(tokenizer, f, protocol=pickle.HIGHEST_PROTOCOL)
+    return tokenizer
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> None:
+    """Write ``tokenizer`` into ``directory`` for :func:`load_tokenizer` to read back.
+
+    One loaded from a local directory is saved by copying the files it came from (for Gemma-3,
+    0.05 s instead of 0.5 s re-serialising its 33 MB ``tokenizer.json``); any other goes through
+    ``save_pretrained``. remedi never changes a loaded tokenizer except for the padding token
+    that :func:`load_model` sets again on every load.
+    """
+    source = Path(tokenizer.name_or_path)
+    names = {*TOKENIZER_FILES, *tokenizer.vocab_files_names.values()}
+    files = sorted(source / name for name in names if (source / name).is_file())
+    if not source.is_dir() or source / "tokenizer_config.json" not in files:
+        tokenizer.save_pretrained(directory)
+        return
+    for file in files:
+        shutil.copyfile(file, Path(directory) / file.name)
 
 
 def _local_source(spec: str) -> str | None:
