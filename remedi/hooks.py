@@ -114,7 +114,10 @@ def intervene(
 
     def input_hook(site: Site) -> Callable[..., Any]:
         def hook(_module: torch.nn.Module, inputs: tuple[Any, ...]) -> Any:
-            return (process(site, inputs[0]), *inputs[1:])
+            result = (process(site, inputs[0]), *inputs[1:])
+            if site == stop_after:  # the module itself need not run
+                raise StopForward
+            return result
 
         return hook
 
@@ -124,8 +127,6 @@ def intervene(
             module = _module_for(arch, site)
             if site.kind == "mlp_in":
                 handles.append(module.register_forward_pre_hook(input_hook(site)))
-                if site == stop_after:
-                    handles.append(module.register_forward_hook(_raise_stop))
             else:
                 handles.append(module.register_forward_hook(output_hook(site)))
         yield recorded
@@ -134,10 +135,6 @@ def intervene(
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _raise_stop(*_: Any) -> None:
-    raise StopForward
 
 
 def position_index(positions: Positions, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -134,6 +134,23 @@ def test_stop_after_ends_forward_early() -> None:
     assert states[Site("block", 1)].shape[:2] == ids.shape
 
 
+def test_stop_after_mlp_in_skips_the_output_projection() -> None:
+    """Stopping at a key (the output projection's input) records it without running the
+    projection."""
+    lm = tiny_model("gemma3_text")
+    ids, mask = _batch(lm)
+    ran: list[bool] = []
+    handle = lm.arch.mlp_out(1).register_forward_hook(lambda *_: ran.append(True))
+    site = Site("mlp_in", 1)
+    try:
+        with torch.no_grad(), intervene(lm.arch, record=[site], stop_after=site) as states:
+            lm.model(input_ids=ids, attention_mask=mask)
+    finally:
+        handle.remove()
+    assert not ran
+    assert states[site].shape == (*ids.shape, lm.arch.mlp_hidden_size)
+
+
 def test_prompt_pass_only_edits_generation_prefill() -> None:
     lm = tiny_model("llama")
     ids, mask = _batch(lm, ["The Eiffel Tower is in"])
