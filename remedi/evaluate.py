@@ -129,9 +129,15 @@ def _check_args(args: argparse.Namespace) -> str | None:
 
 def known_cases(lm: LoadedModel, cases: Sequence[EditCase], batch_size: int = 32) -> list[int]:
     """Indices of cases whose rewrite prompt the unedited LM completes with P(true) > P(new)."""
-    rows = [row for i, case in enumerate(cases) for row in case_rows(case, i)[:2]]
-    probs = row_probabilities(lm.model, lm.tokenizer, rows, batch_size=batch_size)
-    return [i for i in range(len(cases)) if probs[2 * i + 1] > probs[2 * i]]
+    known = []
+    with tqdm(total=len(cases), desc="known cases", unit="case") as bar:
+        for first in range(0, len(cases), batch_size):
+            group = cases[first : first + batch_size]
+            rows = [row for i, case in enumerate(group) for row in case_rows(case, i)[:2]]
+            probs = row_probabilities(lm.model, lm.tokenizer, rows, batch_size=batch_size)
+            known += [first + i for i in range(len(group)) if probs[2 * i + 1] > probs[2 * i]]
+            bar.update(len(group))
+    return known
 
 
 class Runner:

@@ -11,7 +11,7 @@ from conftest import COUNTERFACT_RECORDS as RECORDS
 from conftest import tiny_model
 
 from remedi import evaluate
-from remedi.data import load_cases
+from remedi.data import load_cases, parse_records
 from remedi.methods import registry
 
 
@@ -116,3 +116,20 @@ def load_cases_from(records: list[dict]) -> list:
     from remedi.data import parse_records
 
     return parse_records(records)[0]
+
+
+def test_unedited_scoring_in_groups_matches_one_call(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """none/prefix score their cases in progress-bar groups; known_cases filters in batches."""
+    from remedi.metrics import evaluate_cases
+
+    lm = tiny_model("llama")
+    cases = parse_records(RECORDS * 3)[0]
+    monkeypatch.setattr(registry, "SCORE_GROUP", 4)
+    grouped = registry.score_method(lm, "none", cases).per_case
+    assert grouped == evaluate_cases(lm.model, lm.tokenizer, cases)[1]
+    assert "evaluate none" in capsys.readouterr().err
+    known = evaluate.known_cases(lm, cases, batch_size=4)
+    expected = [i for i, m in enumerate(grouped) if m["efficacy_score"] == 0.0]
+    assert known == expected

@@ -23,6 +23,8 @@ from remedi.models import LoadedModel
 BASELINES = ("none", "prefix", "ft", "ft-l", "rome", "memit", "kn")
 """Methods that need no training (REMEDI and MEND are scored through their own checkpoints)."""
 STATS_METHODS = ("rome", "memit")
+SCORE_GROUP = 8
+"""Cases scored per call when no edit separates them (none, prefix): a progress bar step."""
 
 
 @dataclass
@@ -107,10 +109,17 @@ def score_method(
             under_edit(range(first, first + len(group)))
         return per_case
 
-    if method == "none":
-        return MethodResult(method, score(0, cases))
-    if method == "prefix":
-        return MethodResult(method, score(0, [prefix_case(c) for c in cases]))
+    if method in ("none", "prefix"):
+        scored = [prefix_case(c) for c in cases] if method == "prefix" else list(cases)
+        result = MethodResult(method, [])
+        with tqdm(
+            total=len(cases), desc=f"evaluate {method}", unit="case", disable=not progress
+        ) as bar:
+            for first in range(0, len(scored), SCORE_GROUP):
+                group = scored[first : first + SCORE_GROUP]
+                result.per_case += score(first, group)
+                bar.update(len(group))
+        return result
     if method == "memit":
         return _score_memit(lm, cases, stats, hparams, memit_batch, score)
     edit = case_editor(lm, method, layer, stats, hparams)
