@@ -32,7 +32,7 @@ from remedi.methods.requests import EditRequest, load_requests
 from remedi.metrics import ScoredRow, row_probabilities
 from remedi.models import LoadedModel
 from remedi.models.loading import save_tokenizer
-from remedi.tokens import next_token_logits
+from remedi.tokens import top_prediction
 
 METHODS = ("rome", "memit", "kn", "ft")
 DEFAULT_THREADS = 1
@@ -116,15 +116,8 @@ def predictions(lm: LoadedModel, requests: Sequence[EditRequest]) -> list[dict[s
     for row, prob in zip(rows, probs.tolist(), strict=True):
         key = "p_new" if row.target == requests[row.case_index].target_new else "p_true"
         out[row.case_index][key] = prob
-    tok = lm.tokenizer
     for i, req in enumerate(requests):
-        ids = tok(req.rewrite_prompt, return_tensors="pt").to(lm.device)
-        with torch.no_grad():
-            logits = next_token_logits(lm.model, ids["input_ids"], ids["attention_mask"])[0]
-            logits = logits.float()
-        top = int(logits.argmax())
-        out[i]["top"] = tok.decode([top])
-        out[i]["p_top"] = float(torch.softmax(logits, -1)[top])
+        out[i]["top"], out[i]["p_top"] = top_prediction(lm.model, lm.tokenizer, req.rewrite_prompt)
     return out
 
 

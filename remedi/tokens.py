@@ -352,14 +352,22 @@ def repeat_cache(cache: Any, repeats: int) -> Any:
     return own
 
 
-def top_token(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+def top_prediction(
+    model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str
+) -> tuple[str, float]:
     """The decoded top-1 next token after ``prompt`` (as the tokenizer spells it, e.g. with its
-    leading space)."""
+    leading space) and its probability."""
     device = next(model.parameters()).device
     ids = tokenizer([prompt], return_tensors="pt")["input_ids"].to(device)
     with torch.no_grad():
-        token = int(next_token_logits(model, ids)[0].argmax())
-    return str(tokenizer.decode([token]))
+        probs = torch.softmax(next_token_logits(model, ids)[0].float(), -1)
+    token = int(probs.argmax())
+    return str(tokenizer.decode([token])), float(probs[token])
+
+
+def top_token(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str) -> str:
+    """The decoded top-1 next token after ``prompt`` (see :func:`top_prediction`)."""
+    return top_prediction(model, tokenizer, prompt)[0]
 
 
 def generate_continuations(
