@@ -98,8 +98,7 @@ def load_model(
     model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
         source, dtype=torch_dtype, device_map=device if on_gpu else None
     )
-    own = Path(source).parent == cache_dir() / "models"  # a dequantised GGUF, built by remedi
-    tokenizer = load_tokenizer(source, keep_pickled=own)
+    tokenizer = load_tokenizer(source, keep_pickled=Path(source).parent == _dequantised_root())
     if not on_gpu:
         model.to(device)  # type: ignore[arg-type]
     return _finish(model, tokenizer, spec, start)
@@ -185,7 +184,12 @@ def _dequantised_dir(gguf_path: Path, release: str = "") -> Path:
     stat = gguf_path.stat()
     identity = f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{release}"
     key = hashlib.sha256(identity.encode())
-    return cache_dir() / "models" / f"{gguf_path.stem}-{key.hexdigest()[:16]}"
+    return _dequantised_root() / f"{gguf_path.stem}-{key.hexdigest()[:16]}"
+
+
+def _dequantised_root() -> Path:
+    """The folder holding remedi's dequantised GGUF models (directories it built itself)."""
+    return cache_dir() / "models"
 
 
 def _dequantised_copy(gguf_path: Path, release: str = "") -> Path:
