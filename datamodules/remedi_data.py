@@ -54,7 +54,7 @@ class EpochShuffleSampler(Sampler[int]):
         return self.size
 
 
-class ResumableLoader(DataLoader[RemediExample]):
+class ResumableLoader(DataLoader[Any]):
     """A training loader that records how many batches of the current epoch it has served, so
     that a run resumed mid-epoch continues with the next batch (Lightning saves and restores
     this state with the loop state). Under DDP Lightning wraps the sampler in a distributed one;
@@ -62,7 +62,7 @@ class ResumableLoader(DataLoader[RemediExample]):
 
     def __init__(
         self,
-        dataset: list[RemediExample],
+        dataset: list[Any],
         batch_size: int = 1,
         sampler: Sampler[int] | None = None,
         seed: int = 0,
@@ -93,7 +93,7 @@ class ResumableLoader(DataLoader[RemediExample]):
             self.sampler.skip[int(state["epoch"])] = served * int(self.batch_size or 1)
 
 
-def _collate_examples(items: list[RemediExample]) -> list[RemediExample]:
+def _collate_examples(items: list[Any]) -> list[Any]:
     return list(items)
 
 
@@ -168,11 +168,15 @@ class EditCaseDataModule(L.LightningDataModule):
         return [e for c in self.val_cases for e in examples_from_case(c, self.train_prompt)[:k]]
 
     def train_dataloader(self) -> ResumableLoader:
-        examples = self.train_examples
-        if not examples:
+        """Batches of REMEDI examples, or of whole cases when the attached module trains on
+        cases (its ``train_unit``, e.g. MEND and KE)."""
+        module = getattr(self.trainer, "lightning_module", None)
+        unit = getattr(module, "train_unit", "examples")
+        items: list[Any] = self.train_examples if unit == "examples" else list(self.train_cases)
+        if not items:
             raise ValueError("the training split is empty")
         return ResumableLoader(
-            examples,
+            items,
             batch_size=self.batch_size,
             seed=self.seed,
             num_workers=self.num_workers,

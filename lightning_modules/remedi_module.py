@@ -1,9 +1,8 @@
 """The REMEDI LightningModule: one trainable editor at one layer of a frozen LM.
 
-The LM is loaded once per process (through :func:`remedi.models.load_model`) and held as a plain
-attribute, so it is neither in the optimizer nor in ``state_dict``: a checkpoint holds the editor
-weights, optimizer and loop state only, plus the model spec, layer and hidden size, which are
-checked when a checkpoint is loaded. Callbacks can use ``module.lm`` and
+What every learned editor shares (the frozen LM, metrics, checkpoint metadata, best weights,
+logging) lives in :class:`~lightning_modules.learned_editor.LearnedEditorModule`; this adds the
+REMEDI editor, its attribute cache, loss and prediction. Callbacks can use ``module.lm`` and
 ``trainer.datamodule.val_cases`` (run the Trainer with ``inference_mode=False`` if they need
 gradients in validation).
 """
@@ -12,13 +11,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-import lightning as L
 import torch
-from torch import nn
-from torchmetrics import MeanMetric, SumMetric
 
+from lightning_modules.learned_editor import LearnedEditorModule
 from remedi.atomic import write_jsonl
 from remedi.data import EditCase
 from remedi.editors import (
@@ -33,34 +30,10 @@ from remedi.editors import (
     metrics_context,
     remedi_loss,
 )
-from remedi.metrics import (
-    METRIC_NAMES,
-    ScoredRow,
-    evaluate_cases,
-    harmonic_mean,
-    row_probabilities,
-)
-from remedi.metrics.counterfact import SCORE_NAMES, Scoring
-from remedi.models import LoadedModel, load_model
+from remedi.metrics import EditContext, ScoredRow, row_probabilities
+from remedi.metrics.counterfact import Scoring
 
 log = logging.getLogger(__name__)
-
-_MODELS: dict[tuple[str, str], LoadedModel] = {}
-LOSS_TERMS = ("loss", "mediated", "unmediated", "kl", "norm", "essence")
-
-
-def register_model(lm: LoadedModel, dtype: str = "float32") -> None:
-    """Make ``lm`` the model that ``RemediModule(model=lm.spec, model_dtype=dtype)`` uses
-    (tests and notebooks that already hold a model)."""
-    _MODELS[(lm.spec, dtype)] = lm
-
-
-def shared_model(spec: str, dtype: str = "float32") -> LoadedModel:
-    """The process-wide frozen LM for ``(spec, dtype)``, loaded on first use."""
-    key = (spec, dtype)
-    if key not in _MODELS:
-        _MODELS[key] = load_model(spec, dtype=dtype)
-    return _MODELS[key]
 
 
 def case_context(case: EditCase) -> tuple[str, str]:
@@ -68,7 +41,7 @@ def case_context(case: EditCase) -> tuple[str, str]:
     return case.subject, f"{case.rewrite_prompt} {str(case.target_new).strip()}"
 
 
-class RemediModule(L.LightningModule):
+class RemediModule(LearnedEditorModule):
     """Train a REMEDI editor (METHODS.md §1).
 
     Args:
@@ -90,6 +63,8 @@ class RemediModule(L.LightningModule):
         eval_batch_size: rows per forward pass when scoring the metrics.
     """
 
+    method = "remedi"
+
     def __init__(
         self,
         model: str = "gemma3-270m",
@@ -109,36 +84,14 @@ class RemediModule(L.LightningModule):
         scoring: Scoring = "mean",
         eval_batch_size: int = 32,
     ) -> None:
-        super().__init__()
+        super().__init__(model, model_dtype, scoring, eval_batch_size)
         self.save_hyperparameters()
         if target_tokens not in ("first", "all"):
             raise ValueError(f"target_tokens {target_tokens!r} must be 'first' or 'all'")
-        if scoring not in ("mean", "first"):
-            raise ValueError(f"scoring {scoring!r} must be 'mean' or 'first'")
-        self._lm = shared_model(model, model_dtype)
         self.layer = self._lm.arch.check_layer(layer)
         self.editor: Editor = build_editor(editor, self._lm.arch.hidden_size, rank, mlp_width)
         self.weights = LossWeights(lambda_m, lambda_u, lambda_kl, lambda_norm, lambda_essence)
-        self.val_metrics = self._make_metrics()
-        self.test_metrics = self._make_metrics()
         self._attribute_cache: dict[tuple[str, str], torch.Tensor] = {}
-        self.best_val_loss = float("inf")
-        self.best_editor_state: dict[str, torch.Tensor] | None = None
-
-    @property
-    def lm(self) -> LoadedModel:
-        """The frozen LM (not a registered submodule: never trained, never checkpointed)."""
-        return self._lm
-
-    @property
-    def val_cases(self) -> list[EditCase]:
-        """The validation cases of the attached datamodule (what evaluation callbacks score)."""
-        return list(getattr(getattr(self.trainer, "datamodule", None), "val_cases", []))
-
-    def setup(self, stage: str) -> None:
-        device = self.trainer.strategy.root_device
-        if self._lm.device != device:
-            self._lm.model.to(device)  # type: ignore[arg-type]
 
     def on_fit_start(self) -> None:
         """Compute every attribute representation once, in a fixed order (batching pads, so
@@ -149,9 +102,6 @@ class RemediModule(L.LightningModule):
         pairs += [case_context(c) for c in getattr(data, "val_cases", [])]
         if pairs:
             self.attributes(pairs)
-
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, idx: int) -> Any:
-        return batch  # strings only; tensors are built on the LM's device
 
     def attributes(self, pairs: list[tuple[str, str]]) -> torch.Tensor:
         """Attribute representations for ``(entity, context)`` pairs, cached (the LM is frozen)."""
@@ -176,75 +126,19 @@ class RemediModule(L.LightningModule):
             self.hparams["target_tokens"],
         )
 
-    def training_step(self, batch: list[RemediExample], batch_idx: int) -> torch.Tensor | None:
-        terms = self.loss_terms(batch)
-        for name, value in terms.items():
-            self.log(
-                f"train/{name}", value.detach(), batch_size=len(batch), prog_bar=name == "loss"
-            )
-        if not terms["loss"].requires_grad:
-            return None  # parameterless editor (identity, null): nothing to train
-        return terms["loss"]
+    @property
+    def edit_layers(self) -> list[int]:
+        return [self.layer]
 
-    def _eval_step(self, batch: Any, stage: str) -> None:
-        metrics = cast(dict[str, Any], dict(self._stage_metrics(stage).items()))
-        terms = self.loss_terms(batch.examples)
-        metrics["loss"].update(terms["loss"].detach(), weight=len(batch.examples))
-        for name, value in terms.items():
-            if name != "loss":
-                self.log(f"{stage}/{name}", value, batch_size=len(batch.examples), sync_dist=True)
-        self.log(f"{stage}/loss", metrics["loss"], prog_bar=True)
-        if not batch.cases:
-            return  # example-only datasets (Bias in Bios, McRae): the loss terms only
-        metrics["n_cases"].update(torch.tensor(float(len(batch.cases))))
-        self.log(f"{stage}/n_cases", metrics["n_cases"])
-        attribute = self.attributes([case_context(c) for c in batch.cases])
-        edit = metrics_context(self._lm, self.layer, self.editor, attribute)
-        _, per_case = evaluate_cases(
-            self._lm.model,
-            self._lm.tokenizer,
-            batch.cases,
-            edit=edit,
-            batch_size=self.hparams["eval_batch_size"],
-            scoring=self.hparams["scoring"],
-        )
-        for name in METRIC_NAMES[:-1]:
-            values = [m[name] for m in per_case if name in m]
-            if values:
-                metrics[name].update(torch.tensor(values, dtype=torch.float32))
-                self.log(f"{stage}/{name}", metrics[name], prog_bar=name == "efficacy_score")
+    def training_terms(self, batch: list[RemediExample]) -> dict[str, torch.Tensor]:
+        return self.loss_terms(batch)
 
-    @staticmethod
-    def _make_metrics() -> nn.ModuleDict:
-        means = {n: MeanMetric() for n in (*METRIC_NAMES[:-1], "loss")}
-        return nn.ModuleDict({**means, "n_cases": SumMetric()})
+    def eval_terms(self, batch: Any) -> dict[str, torch.Tensor]:
+        return self.loss_terms(batch.examples)
 
-    def _stage_metrics(self, stage: str) -> nn.ModuleDict:
-        return self.val_metrics if stage == "val" else self.test_metrics
-
-    def _log_score(self, stage: str) -> dict[str, float]:
-        metrics = cast(dict[str, Any], dict(self._stage_metrics(stage).items()))
-        if metrics["n_cases"].update_count:
-            scores = [float(metrics[n].compute()) for n in SCORE_NAMES]
-            self.log(f"{stage}/score", harmonic_mean(scores))
-        return {"loss": float(metrics["loss"].compute())}
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def on_validation_epoch_end(self) -> None:
-        loss = self._log_score("val")["loss"]
-        if not self.trainer.sanity_checking and loss < self.best_val_loss:
-            self.best_val_loss = loss
-            self.best_editor_state = {
-                k: v.detach().clone() for k, v in self.editor.state_dict().items()
-            }
-
-    def on_test_epoch_end(self) -> None:
-        self._log_score("test")
+    def case_edit(self, cases: list[EditCase]) -> EditContext:
+        attribute = self.attributes([case_context(c) for c in cases])
+        return metrics_context(self._lm, self.layer, self.editor, attribute)
 
     def predict_step(self, batch: list[dict[str, str]], batch_idx: int) -> list[dict[str, Any]]:
         """Generate from each request's prompt with its entity edited, and report the target's
@@ -322,31 +216,5 @@ class RemediModule(L.LightningModule):
             params, lr=self.hparams["lr"], weight_decay=self.hparams["weight_decay"]
         )
 
-    def restore_best(self) -> None:
-        """Load the editor weights of the best validation epoch seen in this process."""
-        if self.best_editor_state is None:
-            raise RuntimeError("no validation epoch has finished yet; nothing to restore")
-        self.editor.load_state_dict(self.best_editor_state)
-
-    def checkpoint_meta(self) -> dict[str, Any]:
-        return {
-            "model": self._lm.spec,
-            "layer": self.layer,
-            "hidden_size": self._lm.arch.hidden_size,
-            "editor": self.hparams["editor"],
-        }
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["remedi"] = self.checkpoint_meta()
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("remedi")
-        if saved is None:
-            raise ValueError("checkpoint: not a REMEDI checkpoint (no 'remedi' entry)")
-        mine = self.checkpoint_meta()
-        if any(saved.get(k) != mine[k] for k in ("model", "layer", "hidden_size")):
-            raise ValueError(
-                f"checkpoint: trained for model {saved.get('model')!r} layer {saved.get('layer')} "
-                f"(hidden {saved.get('hidden_size')}), but this run uses model {mine['model']!r} "
-                f"layer {mine['layer']} (hidden {mine['hidden_size']})"
-            )
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return {"editor": self.hparams["editor"]}

@@ -5,7 +5,8 @@
 
 Requests: ``{prompt, subject, target_new}`` objects (JSON list or JSONL; the prompt holds ``{}``
 or the subject) or CounterFact-style records. ROME, FT and KN apply the requests one after the
-other; MEMIT writes them all at once. Prints each request's top next token and target
+other; MEMIT, and a trained MEND or KE editor (``--checkpoint``, best-validation weights), write
+them all at once (one summed update). Prints each request's top next token and target
 probabilities before and after, writes them to ``OUTPUT/edits.json`` and saves the edited model
 (safetensors + tokenizer) so that ``load_model(OUTPUT)`` opens it.
 """
@@ -34,7 +35,8 @@ from remedi.models import LoadedModel
 from remedi.models.loading import save_tokenizer
 from remedi.tokens import top_prediction
 
-METHODS = ("rome", "memit", "kn", "ft")
+METHODS = ("rome", "memit", "kn", "ft", "mend", "ke")
+LEARNED = ("mend", "ke")
 DEFAULT_THREADS = 1
 
 
@@ -59,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, default=None, help="ROME/FT layer")
     p.add_argument("--layers", type=int, nargs="+", default=None, help="MEMIT layers")
     p.add_argument("--ft-eps", type=float, default=None, help="FT-L bound (default: plain FT)")
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="mend/ke: the trained editor's checkpoint (python -m remedi.train fit ...)",
+    )
     return p
 
 
@@ -73,6 +81,13 @@ def _check(args: argparse.Namespace, requests: Sequence[EditRequest]) -> str | N
             return f"{args.method} needs --corpus PATH for its statistics (or --no-stats)"
         if not str(args.corpus).startswith("hf:") and not Path(args.corpus).exists():
             return f"--corpus: not found: {args.corpus}"
+    if args.method in LEARNED:
+        if args.checkpoint is None:
+            return f"{args.method} needs --checkpoint PATH (a trained {args.method} editor)"
+        if not args.checkpoint.is_file():
+            return f"--checkpoint: file not found: {args.checkpoint}"
+    elif args.checkpoint is not None:
+        return f"--checkpoint is for mend and ke, not {args.method}"
     if args.threads < 1:
         return f"--threads must be positive, got {args.threads}"
     if args.stats_tokens < 1:
@@ -153,6 +168,9 @@ def apply(lm: LoadedModel, args: argparse.Namespace, requests: Sequence[EditRequ
         fhp = finetune.FinetuneHyperParams(layer=args.layer, eps=args.ft_eps)
         for req in requests:
             finetune.apply_edit(lm, req, fhp)
+    elif args.method in LEARNED:
+        editor = args.trained_editor
+        editor.apply_edit(lm, [_as_case(i, req) for i, req in enumerate(requests)])
     else:
         from remedi.methods import knowledge_neurons
 
@@ -204,6 +222,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         bad = [x for x in layers if x is not None and not 0 <= x < n]
         if bad:
             return _fail(f"{name} {bad[0]} is out of range (0..{n - 1})")
+    if args.method in LEARNED:
+        from lightning_modules import load_trained
+
+        try:
+            args.trained_editor = load_trained(args.method, args.checkpoint, lm, args.dtype).editor
+        except ValueError as err:
+            return _fail(str(err))
     try:
         before = predictions(lm, requests)
     except ValueError as err:

@@ -5,8 +5,9 @@
 
 Methods: none, prefix (the context ``rewrite_prompt + " " + target_new`` and ". " before every
 prompt), ft, ft-l, rome, memit (all cases in one batch, or groups of ``--memit-batch``), kn
-(knowledge-neuron value-slot update) and remedi (a trained ``--checkpoint``). Weight editors are
-applied per case and restored after it (see :mod:`remedi.methods.registry`). Writes
+(knowledge-neuron value-slot update), and the learned editors remedi, mend and ke (each from a
+trained ``--checkpoint``, with its best-validation weights). Weight editors (MEND and KE too)
+are applied per case and restored after it (see :mod:`remedi.methods.registry`). Writes
 ``summary.json`` (one flat object; a list of them for several methods), ``cases.jsonl`` and
 ``summary.md``, atomically. With ``--generation`` each case's generation prompts are also
 sampled under the method's edit of that case, adding generation entropy and reference score (see
@@ -50,7 +51,8 @@ from remedi.tokens import PromptBatch
 log = logging.getLogger(__name__)
 Sampler = Callable[..., None]
 
-METHODS = ("none", "prefix", "ft", "ft-l", "rome", "memit", "kn", "remedi")
+LEARNED = ("remedi", "mend", "ke")
+METHODS = ("none", "prefix", "ft", "ft-l", "rome", "memit", "kn", *LEARNED)
 WEIGHT_METHODS = ("ft", "ft-l", "rome", "memit", "kn")
 
 
@@ -64,7 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, type=Path)
     p.add_argument("--limit", type=int, default=None, help="first N cases (after --known-only)")
     p.add_argument("--known-only", action="store_true", help="keep cases the LM knows")
-    p.add_argument("--checkpoint", type=Path, default=None, help="REMEDI checkpoint")
+    p.add_argument(
+        "--checkpoint",
+        action="append",
+        default=[],
+        metavar="[METHOD=]PATH",
+        help="a trained editor's checkpoint (remedi, mend, ke); repeat as METHOD=PATH to score "
+        "several learned editors in one table",
+    )
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -100,15 +109,10 @@ def _check_args(args: argparse.Namespace) -> str | None:
     """The first problem with the arguments, found before loading anything expensive."""
     if args.limit is not None and args.limit < 1:
         return f"--limit must be positive, got {args.limit}"
-    if "remedi" in args.method:
-        if args.checkpoint is None:
-            return "--method remedi needs --checkpoint PATH"
-        if not args.checkpoint.is_file():
-            return f"--checkpoint: file not found: {args.checkpoint}"
-        try:
-            import lightning_modules.remedi_module  # noqa: F401
-        except ImportError as err:
-            return f"--method remedi: the REMEDI module is not available ({err})"
+    try:
+        args.checkpoints = checkpoint_paths(args.checkpoint, args.method)
+    except ValueError as err:
+        return str(err)
     needs_stats = {"rome", "memit"} & set(args.method)
     if needs_stats and not args.no_stats:
         if args.corpus is None:
@@ -125,6 +129,32 @@ def _check_args(args: argparse.Namespace) -> str | None:
     if args.generation_tokens < 1:
         return f"--generation-tokens must be positive, got {args.generation_tokens}"
     return None
+
+
+def checkpoint_paths(values: Sequence[str], methods: Sequence[str]) -> dict[str, Path]:
+    """``--checkpoint`` values (``PATH`` or ``METHOD=PATH``) -> a path per learned method asked
+    for; a bare path serves the one learned method of the command."""
+    learned = [m for m in dict.fromkeys(methods) if m in LEARNED]
+    paths: dict[str, Path] = {}
+    for value in values:
+        method, sep, path = value.partition("=")
+        if not sep:
+            if len(learned) != 1:
+                raise ValueError(
+                    f"--checkpoint {value}: name its method (METHOD=PATH) when the command "
+                    f"scores {len(learned)} learned editors"
+                )
+            method, path = learned[0], value
+        if method not in learned:
+            raise ValueError(f"--checkpoint {value}: no --method {method} to use it for")
+        paths[method] = Path(path)
+    for method in learned:
+        if method not in paths:
+            hint = f"--checkpoint {method}=PATH" if len(learned) > 1 else "--checkpoint PATH"
+            raise ValueError(f"--method {method} needs {hint}")
+        if not paths[method].is_file():
+            raise ValueError(f"--checkpoint: file not found: {paths[method]}")
+    return paths
 
 
 def known_cases(lm: LoadedModel, cases: Sequence[EditCase], batch_size: int = 32) -> list[int]:
@@ -144,9 +174,12 @@ class Runner:
     """Turns the command-line options into hyperparameters and statistics for
     :func:`remedi.methods.registry.score_method`, which applies and scores each method."""
 
-    def __init__(self, lm: LoadedModel, args: argparse.Namespace) -> None:
+    def __init__(
+        self, lm: LoadedModel, args: argparse.Namespace, trained: dict[str, Any] | None = None
+    ) -> None:
         self.lm = lm
         self.args = args
+        self.trained: dict[str, Any] = dict(trained or {})
         self._stats: dict[int, Any] = {}
 
     def stats(self, layers: Sequence[int]) -> dict[int, Any] | None:
@@ -170,6 +203,16 @@ class Runner:
         sampler = self._sampler(method, cases) if self.args.generation else None
         if method == "remedi":
             return self._remedi(cases, sampler)
+        if method in ("mend", "ke"):
+            editor = self.trained[method].editor
+            return score_method(
+                self.lm,
+                method,
+                cases,
+                batch_size=self.args.batch_size,
+                under_edit=sampler,
+                editor=lambda case: editor.apply_edit(self.lm, [case]),
+            )
         layer, stats, hparams = self.settings(method)
         return score_method(
             self.lm,
@@ -235,17 +278,11 @@ class Runner:
         return sample
 
     def _remedi(self, cases: Sequence[EditCase], sampler: Sampler | None) -> MethodResult:
-        from lightning_modules.remedi_module import RemediModule, case_context, register_model
+        from lightning_modules.remedi_module import case_context
         from remedi.editors.apply import apply_editor, attribute_states, metrics_context
 
-        register_model(self.lm, self.args.dtype)
-        module = RemediModule.load_from_checkpoint(
-            self.args.checkpoint,
-            map_location="cpu",
-            model=self.lm.spec,
-            model_dtype=self.args.dtype,
-        )
-        editor = module.editor.to(self.lm.device).eval()
+        module = self.trained["remedi"]
+        editor = module.editor
         entities, contexts = zip(*(case_context(c) for c in cases), strict=True)
         start = time.perf_counter()
         with torch.no_grad():
@@ -331,14 +368,17 @@ def evaluate(
     cases: Sequence[EditCase],
     args: argparse.Namespace,
     samples: dict[str, list[list[str]]] | None = None,
+    trained: dict[str, Any] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Run every method on ``cases``; return the summary rows and the per-case records.
 
-    With ``args.generation``, each method's samples per case are also stored in ``samples``.
+    ``trained`` maps each learned method to its loaded module (see
+    :func:`lightning_modules.load_trained`). With ``args.generation``, each method's samples per
+    case are also stored in ``samples``.
     """
     from remedi.metrics import summarize
 
-    runner = Runner(lm, args)
+    runner = Runner(lm, args, trained)
     rows: list[dict[str, Any]] = []
     records: list[dict[str, Any]] = []
     for method in methods:
@@ -393,6 +433,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         bad = [x for x in layers if x is not None and not 0 <= x < lm.arch.num_layers]
         if bad:
             return _fail(f"{name} {bad[0]} is out of range (0..{lm.arch.num_layers - 1})")
+    trained: dict[str, Any] = {}
+    if args.checkpoints:
+        from lightning_modules import load_trained
+
+        for method, path in args.checkpoints.items():
+            try:
+                trained[method] = load_trained(method, path, lm, args.dtype)
+            except ValueError as err:
+                return _fail(str(err))
     if args.known_only:
         cases = [cases[i] for i in known_cases(lm, cases, args.batch_size)]
     if args.limit is not None:
@@ -400,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not cases:
         return _fail(f"--data: no cases left to evaluate in {args.data}")
     samples: dict[str, list[list[str]]] = {}
-    rows, records = evaluate(lm, methods, cases, args, samples)
+    rows, records = evaluate(lm, methods, cases, args, samples, trained)
     write_text(args.output / "cases.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     if args.generation:
         lines = [

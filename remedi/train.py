@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from datamodules import EditCaseDataModule
-from lightning_modules import RemediModule
+from lightning_modules import LearnedEditorModule, RemediModule
 from remedi.allocator import release_freed_memory
 from remedi.atomic import write_json
 
@@ -38,6 +38,7 @@ class RemediCLI(LightningCLI):
     """LightningCLI with REMEDI's checkpoint, early-stopping and logger defaults."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.set_defaults({"model": {"class_path": f"lightning_modules.{RemediModule.__name__}"}})
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -90,8 +91,9 @@ def main(args: list[str] | None = None) -> RemediCLI:
     """Run the CLI on ``args`` (``sys.argv[1:]`` when None); returns the CLI for tests."""
     release_freed_memory()
     return RemediCLI(
-        RemediModule,
+        LearnedEditorModule,
         EditCaseDataModule,
+        subclass_mode_model=True,
         subclass_mode_data=True,
         trainer_defaults=TRAINER_DEFAULTS,
         args=args,

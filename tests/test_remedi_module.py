@@ -79,8 +79,9 @@ def test_checkpoint_holds_editor_and_optimizer_only(tiny: LoadedModel, tmp_path:
     lm_names = {n for n, _ in tiny.model.named_parameters()}
     assert not any(k.split(".", 1)[-1] in lm_names for k in ckpt["state_dict"])
     assert ckpt["remedi"] == {
+        "method": "remedi",
         "model": tiny.spec,
-        "layer": 1,
+        "layers": [1],
         "hidden_size": tiny.arch.hidden_size,
         "editor": "affine",
     }
@@ -115,7 +116,7 @@ def test_checkpoint_from_another_layer_or_model_fails(tiny: LoadedModel, tmp_pat
     _trainer(tmp_path, max_steps=1).fit(_module(tiny), _data(tmp_path))
     other = _module(tiny, editor="affine")
     other.layer = 2
-    with pytest.raises(ValueError, match=r"checkpoint: trained for model .* layer 1 .* layer 2"):
+    with pytest.raises(ValueError, match=r"checkpoint: trained for model .* layers \[1\] .* \[2\]"):
         _trainer(tmp_path).validate(other, _data(tmp_path), ckpt_path=str(tmp_path / "last.ckpt"))
     gpt2 = tiny_model("gpt2")
     register_model(gpt2)
@@ -149,3 +150,24 @@ def test_parameterless_editor_validates(tiny: LoadedModel, tmp_path: Path) -> No
     module = _module(tiny, editor="null")
     results = _trainer(tmp_path, limit_val_batches=None).validate(module, _data(tmp_path))
     assert results[0]["val/kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_test_and_resume_use_the_best_validation_weights(tiny: LoadedModel, tmp_path: Path) -> None:
+    """``last.ckpt`` carries the best-validation editor and its loss: ``test`` scores that editor,
+    and a resumed run remembers the best loss instead of starting from infinity."""
+    module = _module(tiny)
+    _trainer(tmp_path, max_epochs=2, limit_val_batches=None).fit(module, _data(tmp_path))
+    assert module.best_editor_state is not None and module.best_epoch is not None
+    best = {k: v.clone() for k, v in module.best_editor_state.items()}
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert ckpt["remedi_best"]["val_loss"] == module.best_val_loss
+    fresh = _module(tiny)
+    _trainer(tmp_path / "t", limit_test_batches=None).test(
+        fresh, _data(tmp_path), ckpt_path=str(tmp_path / "last.ckpt")
+    )
+    for key, value in fresh.editor.state_dict().items():
+        assert torch.equal(value, best[key]), key
+    resumed = _module(tiny)
+    trainer = _trainer(tmp_path / "r", max_epochs=3, limit_val_batches=None)
+    trainer.fit(resumed, _data(tmp_path), ckpt_path=str(tmp_path / "last.ckpt"))
+    assert resumed.best_val_loss <= module.best_val_loss

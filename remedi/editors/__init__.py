@@ -1,5 +1,5 @@
-"""REMEDI editors: networks mapping attribute representations to directions, and the plain-PyTorch
-code that applies them to a frozen LM and trains them."""
+"""Learned editors in plain PyTorch: REMEDI (networks mapping attribute representations to
+directions, applied to a frozen LM) and the gradient editors MEND and KE."""
 
 from remedi.editors.apply import (
     DirectionRecord,
@@ -10,6 +10,16 @@ from remedi.editors.apply import (
     generate_edited,
     metrics_context,
 )
+from remedi.editors.gradient import (
+    GradientEditor,
+    LayerUpdate,
+    TokenGradients,
+    apply_updates,
+    token_gradients,
+    write_updates,
+)
+from remedi.editors.ke import KeEditor
+from remedi.editors.mend import MendEditor
 from remedi.editors.modules import (
     EDITOR_KINDS,
     AffineEditor,
@@ -39,15 +49,21 @@ __all__ = [
     "DirectionRecord",
     "Editor",
     "EditorKind",
+    "GradientEditor",
     "IdentityEditor",
+    "KeEditor",
+    "LayerUpdate",
     "LossWeights",
     "LowRankEditor",
     "MLPEditor",
+    "MendEditor",
     "NullEditor",
     "RemediExample",
     "TargetTokens",
+    "TokenGradients",
     "apply_direction",
     "apply_editor",
+    "apply_updates",
     "attribute_states",
     "build_editor",
     "editor_edit",
@@ -57,4 +73,6 @@ __all__ = [
     "logits_at",
     "metrics_context",
     "remedi_loss",
+    "token_gradients",
+    "write_updates",
 ]

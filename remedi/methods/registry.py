@@ -21,7 +21,7 @@ from remedi.metrics import evaluate_cases
 from remedi.models import LoadedModel
 
 BASELINES = ("none", "prefix", "ft", "ft-l", "rome", "memit", "kn")
-"""Methods that need no training (REMEDI and MEND are scored through their own checkpoints)."""
+"""Methods that need no training (REMEDI, MEND and KE are scored through their checkpoints)."""
 STATS_METHODS = ("rome", "memit")
 SCORE_GROUP = 8
 """Cases scored per call when no edit separates them (none, prefix): a progress bar step."""
@@ -92,15 +92,17 @@ def score_method(
     batch_size: int = 32,
     progress: bool = True,
     under_edit: Callable[[range], None] | None = None,
+    editor: Callable[[EditCase], EditHandle] | None = None,
 ) -> MethodResult:
     """Edit with ``method`` and score every case with the shared CounterFact metrics.
 
     ``stats``: for rome the second moment of its layer; for memit a mapping layer -> second
-    moment. The LM is restored after every case (or MEMIT group), exceptions included.
-    ``under_edit(indices)`` runs after scoring, while the cases ``indices`` are still written
-    into the LM (e.g. to sample generations under the same edit).
+    moment. ``editor`` writes one case into the LM for methods that bring their own (a trained
+    MEND or KE editor). The LM is restored after every case (or MEMIT group), exceptions
+    included. ``under_edit(indices)`` runs after scoring, while the cases ``indices`` are still
+    written into the LM (e.g. to sample generations under the same edit).
     """
-    if method not in BASELINES:
+    if method not in BASELINES and editor is None:
         raise ValueError(f"method {method!r} must be one of {', '.join(BASELINES)}")
 
     def score(first: int, group: Sequence[EditCase]) -> list[dict[str, float]]:
@@ -122,7 +124,7 @@ def score_method(
         return result
     if method == "memit":
         return _score_memit(lm, cases, stats, hparams, memit_batch, score)
-    edit = case_editor(lm, method, layer, stats, hparams)
+    edit = editor or case_editor(lm, method, layer, stats, hparams)
     result = MethodResult(method, [])
     for i, case in enumerate(
         tqdm(cases, desc=f"evaluate {method}", unit="case", disable=not progress)

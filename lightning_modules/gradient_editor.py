@@ -1,0 +1,307 @@
+"""LightningModules for the meta-learned gradient editors MEND and KE (METHODS.md §2).
+
+A training batch is a list of edit cases. Each case's gradient of the edit loss (its rewrite
+prompt → ``target_new``) is turned by the editor into its own update of the edited MLP output
+projections, applied through hooks (:func:`remedi.editors.gradient.apply_updates`), so the frozen
+LM's stored weights never change. Under those updates:
+
+- ``edit`` = mean NLL of ``target_new`` after the rewrite and paraphrase prompts;
+- ``loc`` = KL(pre ‖ post) of the answer tokens after neighbourhood prompts and after another
+  case's rewrite prompt (an unrelated fact), summed over tokens and averaged over prompts;
+- ``loss = c_edit · edit + c_loc · loc``.
+
+Networks and step sizes are separate Adam parameter groups; gradients are clipped by norm.
+Validation and test score each case under its own update, as an evaluation applies it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities.types import OptimizerLRScheduler
+
+from lightning_modules.learned_editor import LearnedEditorModule
+from remedi.data import EditCase
+from remedi.editors.gradient import GradientEditor, LayerUpdate, apply_updates
+from remedi.editors.ke import KeEditor
+from remedi.editors.mend import MendEditor
+from remedi.editors.training import kl_divergence
+from remedi.metrics import EditContext, ScoredRow
+from remedi.metrics.counterfact import Scoring
+from remedi.models import LoadedModel
+from remedi.tokens import ContinuationBatch, encode_continuations, final_hidden, score_continuations
+
+
+def default_layers(lm: LoadedModel) -> list[int]:
+    """MEND's choice: the last three blocks."""
+    n = lm.arch.num_layers
+    return list(range(max(0, n - 3), n))
+
+
+def edit_rows(cases: list[EditCase]) -> tuple[list[str], list[str], list[int]]:
+    """``(prompts, targets, groups)`` of the edit loss: each case's rewrite and paraphrase
+    prompts with its ``target_new``."""
+    prompts, targets, groups = [], [], []
+    for i, case in enumerate(cases):
+        for prompt in [case.rewrite_prompt, *case.paraphrase_prompts]:
+            prompts.append(prompt)
+            targets.append(str(case.target_new))
+            groups.append(i)
+    return prompts, targets, groups
+
+
+def locality_rows(cases: list[EditCase], per_case: int) -> tuple[list[str], list[str], list[int]]:
+    """``(prompts, answers, groups)`` of the locality loss: up to ``per_case`` neighbourhood
+    prompts of each case with their true answers, and the next case's rewrite prompt with its
+    true object (an unrelated fact) when the batch has more than one case."""
+    prompts, answers, groups = [], [], []
+    for i, case in enumerate(cases):
+        truths = case.neighborhood_targets or [case.target_true] * len(case.neighborhood_prompts)
+        pairs = list(zip(case.neighborhood_prompts, truths, strict=True))[:per_case]
+        if len(cases) > 1:
+            other = cases[(i + 1) % len(cases)]
+            pairs.append((other.rewrite_prompt, other.target_true))
+        for prompt, answer in pairs:
+            prompts.append(prompt)
+            answers.append(answer)
+            groups.append(i)
+    return prompts, answers, groups
+
+
+class GradientEditorModule(LearnedEditorModule):
+    """Shared training of MEND and KE; subclasses build the editor network."""
+
+    train_unit = "cases"
+
+    def __init__(
+        self,
+        model: str,
+        model_dtype: str,
+        layers: list[int] | None,
+        c_edit: float,
+        c_loc: float,
+        lr: float,
+        lr_step: float,
+        grad_clip: float,
+        loc_prompts: int,
+        scoring: Scoring,
+        eval_batch_size: int,
+    ) -> None:
+        super().__init__(model, model_dtype, scoring, eval_batch_size)
+        chosen = default_layers(self._lm) if layers is None else list(layers)
+        self.layers = [self._lm.arch.check_layer(layer) for layer in chosen]
+        for name, value in (("c_edit", c_edit), ("c_loc", c_loc), ("grad_clip", grad_clip)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if loc_prompts < 0:
+            raise ValueError(f"loc_prompts must be >= 0, got {loc_prompts}")
+        self.c_edit, self.c_loc = c_edit, c_loc
+        self.lr, self.lr_step, self.grad_clip = lr, lr_step, grad_clip
+        self.loc_prompts = loc_prompts
+
+    editor: GradientEditor
+
+    @property
+    def edit_layers(self) -> list[int]:
+        return list(self.layers)
+
+    @property
+    def projection_shape(self) -> tuple[int, int]:
+        """``(in, out)`` widths of the edited MLP output projections."""
+        weight = self._lm.arch.mlp_out_weight(self.layers[0])
+        return int(weight.shape[1]), int(weight.shape[0])
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        return {"projection_shape": list(self.projection_shape)}
+
+    def loss_terms(self, cases: list[EditCase]) -> dict[str, torch.Tensor]:
+        lm = self._lm
+        updates = self.editor.updates(lm, cases)
+        prompts, targets, groups = edit_rows(cases)
+        batch = encode_continuations(lm.tokenizer, prompts, targets).to(lm.device)
+        with apply_updates(lm, updates, groups):
+            scores = score_continuations(lm.model, batch)
+        terms = {"edit": -scores.mean.mean(), "edit_prob": scores.mean_prob.mean().detach()}
+        prompts, answers, groups = locality_rows(cases, self.loc_prompts)
+        if prompts:
+            terms["loc"] = self._locality(updates, prompts, answers, groups)
+        else:
+            terms["loc"] = torch.zeros((), device=lm.device)
+        terms["loss"] = self.c_edit * terms["edit"] + self.c_loc * terms["loc"]
+        return terms
+
+    def _locality(
+        self, updates: list[LayerUpdate], prompts: list[str], answers: list[str], groups: list[int]
+    ) -> torch.Tensor:
+        lm = self._lm
+        batch: ContinuationBatch = encode_continuations(lm.tokenizer, prompts, answers)
+        batch = batch.to(lm.device)
+        rows, steps = batch.target_mask.nonzero(as_tuple=True)
+        cols = batch.target_positions()[rows, steps]
+        with torch.no_grad():
+            before = final_hidden(lm.model, batch.input_ids, batch.attention_mask)[rows, cols]
+        with apply_updates(lm, updates, groups):
+            after = final_hidden(lm.model, batch.input_ids, batch.attention_mask)[rows, cols]
+        return kl_divergence(lm.model, before, after) / len(prompts)
+
+    def training_terms(self, batch: list[EditCase]) -> dict[str, torch.Tensor]:
+        return self.loss_terms(batch)
+
+    def eval_terms(self, batch: Any) -> dict[str, torch.Tensor]:
+        return self.loss_terms(batch.cases)
+
+    def case_edit(self, cases: list[EditCase]) -> EditContext:
+        with torch.no_grad():
+            updates = self.editor.updates(self._lm, cases)
+
+        def context(_batch: ContinuationBatch, rows: Any) -> Any:
+            groups = [row.case_index for row in rows if isinstance(row, ScoredRow)]
+            return apply_updates(self._lm, updates, groups)
+
+        return context
+
+    def configure_optimizers(self) -> OptimizerLRScheduler:
+        steps = {id(p) for p in self.editor.step_parameters()}
+        networks = [p for p in self.editor.parameters() if id(p) not in steps]
+        return torch.optim.Adam(
+            [
+                {"params": networks, "lr": self.lr, "name": "networks"},
+                {"params": self.editor.step_parameters(), "lr": self.lr_step, "name": "steps"},
+            ]
+        )
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        clip = gradient_clip_val if gradient_clip_val is not None else self.grad_clip
+        if clip:
+            self.clip_gradients(
+                optimizer,
+                gradient_clip_val=clip,
+                gradient_clip_algorithm=gradient_clip_algorithm or "norm",
+            )
+
+
+class MendModule(GradientEditorModule):
+    """Train a MEND editor (Mitchell et al. 2021) on the MLP output projections of ``layers``.
+
+    Args:
+        model: model spec for :func:`remedi.models.load_model`.
+        model_dtype: dtype of the frozen LM; the networks stay fp32.
+        layers: edited blocks (default: the last three, as MEND).
+        rank: rank of the gradient network's two low-rank blocks.
+        init_step: initial per-layer step size α.
+        c_edit: weight of the edit loss.
+        c_loc: weight of the locality KL.
+        lr: Adam learning rate of the networks.
+        lr_step: Adam learning rate of the step sizes.
+        grad_clip: gradient-norm clipping (0: none; the Trainer's gradient_clip_val wins).
+        loc_prompts: neighbourhood prompts per case in the locality loss.
+        scoring: metric probabilities, "mean" (CounterFact) or "first".
+        eval_batch_size: rows per forward pass when scoring the metrics.
+    """
+
+    method = "mend"
+
+    def __init__(
+        self,
+        model: str = "gemma3-270m",
+        model_dtype: str = "float32",
+        layers: list[int] | None = None,
+        rank: int = 256,
+        init_step: float = 1e-4,
+        c_edit: float = 0.1,
+        c_loc: float = 1.0,
+        lr: float = 1e-4,
+        lr_step: float = 1e-4,
+        grad_clip: float = 100.0,
+        loc_prompts: int = 1,
+        scoring: Scoring = "mean",
+        eval_batch_size: int = 32,
+    ) -> None:
+        super().__init__(
+            model,
+            model_dtype,
+            layers,
+            c_edit,
+            c_loc,
+            lr,
+            lr_step,
+            grad_clip,
+            loc_prompts,
+            scoring,
+            eval_batch_size,
+        )
+        self.save_hyperparameters()
+        n_in, n_out = self.projection_shape
+        self.editor = MendEditor(self.layers, n_in, n_out, rank=rank, init_step=init_step)
+
+
+class KeModule(GradientEditorModule):
+    """Train a KnowledgeEditor (De Cao et al. 2021) on the MLP output projections of ``layers``.
+
+    Args:
+        model: model spec for :func:`remedi.models.load_model`.
+        model_dtype: dtype of the frozen LM; the networks stay fp32.
+        layers: edited blocks (default: the last three).
+        hidden: width of the request encoder's LSTM (each direction).
+        init_step: initial per-layer step size α.
+        c_edit: weight of the edit loss.
+        c_loc: weight of the locality KL.
+        lr: Adam learning rate of the networks.
+        lr_step: Adam learning rate of the step sizes.
+        grad_clip: gradient-norm clipping (0: none; the Trainer's gradient_clip_val wins).
+        loc_prompts: neighbourhood prompts per case in the locality loss.
+        scoring: metric probabilities, "mean" (CounterFact) or "first".
+        eval_batch_size: rows per forward pass when scoring the metrics.
+    """
+
+    method = "ke"
+
+    def __init__(
+        self,
+        model: str = "gemma3-270m",
+        model_dtype: str = "float32",
+        layers: list[int] | None = None,
+        hidden: int = 128,
+        init_step: float = 1e-4,
+        c_edit: float = 0.1,
+        c_loc: float = 1.0,
+        lr: float = 1e-4,
+        lr_step: float = 1e-4,
+        grad_clip: float = 100.0,
+        loc_prompts: int = 1,
+        scoring: Scoring = "mean",
+        eval_batch_size: int = 32,
+    ) -> None:
+        super().__init__(
+            model,
+            model_dtype,
+            layers,
+            c_edit,
+            c_loc,
+            lr,
+            lr_step,
+            grad_clip,
+            loc_prompts,
+            scoring,
+            eval_batch_size,
+        )
+        self.save_hyperparameters()
+        n_in, n_out = self.projection_shape
+        embed_dim = self._lm.arch.hidden_size  # the input embeddings' width
+        self.editor = KeEditor(
+            self.layers, n_in, n_out, embed_dim, hidden=hidden, init_step=init_step
+        )
+
+
+def module_for(method: str) -> type[GradientEditorModule]:
+    """The module class that trains ``method`` ("mend" or "ke")."""
+    classes: dict[str, type[GradientEditorModule]] = {"mend": MendModule, "ke": KeModule}
+    if method not in classes:
+        raise ValueError(f"method {method!r} is not a gradient editor (mend, ke)")
+    return classes[method]

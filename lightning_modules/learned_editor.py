@@ -1,0 +1,256 @@
+"""The one base of every learned-editor LightningModule (REMEDI, MEND, KE).
+
+It holds what they all need: the shared frozen LM (a plain attribute: never trained, never in a
+checkpoint), validation and test CounterFact metrics through torchmetrics, TensorBoard logging
+of each loss term under ``train/``, ``val/`` and ``test/``, checkpoint metadata (method, model,
+layers) checked on load with one clear line, and the best-validation weights: a copy is kept
+whenever ``val/loss`` improves, saved in every checkpoint with its loss (so a resumed run keeps
+it), and put in place before ``test`` and ``predict`` and by :meth:`use_best_weights`.
+
+A subclass sets ``self.editor`` (the trainable ``nn.Module``) and implements
+:meth:`training_terms`, :meth:`eval_terms`, :meth:`case_edit` and :attr:`edit_layers`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal, cast
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+from torchmetrics import MeanMetric, SumMetric
+
+from remedi.data import EditCase
+from remedi.metrics import METRIC_NAMES, EditContext, evaluate_cases, harmonic_mean
+from remedi.metrics.counterfact import SCORE_NAMES, Scoring
+from remedi.models import LoadedModel, load_model
+
+_MODELS: dict[tuple[str, str], LoadedModel] = {}
+TrainUnit = Literal["examples", "cases"]
+
+
+def register_model(lm: LoadedModel, dtype: str = "float32") -> None:
+    """Make ``lm`` the model that modules built with ``model=lm.spec, model_dtype=dtype`` use
+    (tests and notebooks that already hold a model)."""
+    _MODELS[(lm.spec, dtype)] = lm
+
+
+def shared_model(spec: str, dtype: str = "float32") -> LoadedModel:
+    """The process-wide frozen LM for ``(spec, dtype)``, loaded on first use."""
+    key = (spec, dtype)
+    if key not in _MODELS:
+        _MODELS[key] = load_model(spec, dtype=dtype)
+    return _MODELS[key]
+
+
+class LearnedEditorModule(L.LightningModule):
+    """Base of the learned-editor modules; see the module docstring.
+
+    ``train_unit`` tells the datamodule what a training batch holds: REMEDI examples
+    (``"examples"``) or whole edit cases (``"cases"``, MEND and KE).
+    """
+
+    method: ClassVar[str] = ""
+    train_unit: ClassVar[TrainUnit] = "examples"
+    editor: nn.Module
+
+    def __init__(self, model: str, model_dtype: str, scoring: Scoring, eval_batch_size: int):
+        super().__init__()
+        if scoring not in ("mean", "first"):
+            raise ValueError(f"scoring {scoring!r} must be 'mean' or 'first'")
+        if eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be positive, got {eval_batch_size}")
+        self._lm = shared_model(model, model_dtype)
+        self.scoring: Scoring = scoring
+        self.eval_batch_size = eval_batch_size
+        self.val_metrics = self._make_metrics()
+        self.test_metrics = self._make_metrics()
+        self.best_val_loss = float("inf")
+        self.best_epoch: int | None = None
+        self.best_editor_state: dict[str, torch.Tensor] | None = None
+
+    # -- what a method supplies -------------------------------------------------------------
+    @property
+    def edit_layers(self) -> list[int]:
+        """The LM layers the editor acts on (checked against a checkpoint's)."""
+        raise NotImplementedError
+
+    def training_terms(self, batch: Any) -> dict[str, torch.Tensor]:
+        """Loss terms of a training batch; ``"loss"`` is optimised."""
+        raise NotImplementedError
+
+    def eval_terms(self, batch: Any) -> dict[str, torch.Tensor]:
+        """Loss terms of a validation/test :class:`~datamodules.remedi_data.CaseBatch`."""
+        raise NotImplementedError
+
+    def case_edit(self, cases: list[EditCase]) -> EditContext:
+        """How the CounterFact metrics see ``cases`` edited (row ``case_index`` → its case)."""
+        raise NotImplementedError
+
+    def checkpoint_extra(self) -> dict[str, Any]:
+        """More metadata to save with a checkpoint (informational, not checked)."""
+        return {}
+
+    # -- shared behaviour ---------------------------------------------------------------------
+    @property
+    def lm(self) -> LoadedModel:
+        """The frozen LM (not a registered submodule: never trained, never checkpointed)."""
+        return self._lm
+
+    @property
+    def val_cases(self) -> list[EditCase]:
+        """The validation cases of the attached datamodule (what evaluation callbacks score)."""
+        return list(getattr(getattr(self.trainer, "datamodule", None), "val_cases", []))
+
+    def setup(self, stage: str) -> None:
+        device = self.trainer.strategy.root_device
+        if self._lm.device != device:
+            self._lm.model.to(device)  # type: ignore[arg-type]
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, idx: int) -> Any:
+        return batch  # strings only; tensors are built on the LM's device
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        terms = self.training_terms(batch)
+        for name, value in terms.items():
+            self.log(
+                f"train/{name}", value.detach(), batch_size=len(batch), prog_bar=name == "loss"
+            )
+        if not terms["loss"].requires_grad:
+            return None  # parameterless editor: nothing to train
+        return terms["loss"]
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _eval_step(self, batch: Any, stage: str) -> None:
+        metrics = cast(dict[str, Any], dict(self._stage_metrics(stage).items()))
+        size = len(batch.cases) or len(batch.examples)
+        terms = self.eval_terms(batch)
+        metrics["loss"].update(terms["loss"].detach(), weight=size)
+        for name, value in terms.items():
+            if name != "loss":
+                self.log(f"{stage}/{name}", value, batch_size=size, sync_dist=True)
+        self.log(f"{stage}/loss", metrics["loss"], prog_bar=True)
+        if not batch.cases:
+            return  # example-only datasets (Bias in Bios, McRae): the loss terms only
+        metrics["n_cases"].update(torch.tensor(float(len(batch.cases))))
+        self.log(f"{stage}/n_cases", metrics["n_cases"])
+        _, per_case = evaluate_cases(
+            self._lm.model,
+            self._lm.tokenizer,
+            batch.cases,
+            edit=self.case_edit(batch.cases),
+            batch_size=self.eval_batch_size,
+            scoring=self.scoring,
+        )
+        for name in METRIC_NAMES[:-1]:
+            values = [m[name] for m in per_case if name in m]
+            if values:
+                metrics[name].update(torch.tensor(values, dtype=torch.float32))
+                self.log(f"{stage}/{name}", metrics[name], prog_bar=name == "efficacy_score")
+
+    @staticmethod
+    def _make_metrics() -> nn.ModuleDict:
+        means = {n: MeanMetric() for n in (*METRIC_NAMES[:-1], "loss")}
+        return nn.ModuleDict({**means, "n_cases": SumMetric()})
+
+    def _stage_metrics(self, stage: str) -> nn.ModuleDict:
+        return self.val_metrics if stage == "val" else self.test_metrics
+
+    def _log_score(self, stage: str) -> float:
+        """Log the harmonic-mean score of the stage; return its (synced) mean loss."""
+        metrics = cast(dict[str, Any], dict(self._stage_metrics(stage).items()))
+        if metrics["n_cases"].update_count:
+            scores = [float(metrics[n].compute()) for n in SCORE_NAMES]
+            self.log(f"{stage}/score", harmonic_mean(scores))
+        return float(metrics["loss"].compute())
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self._log_score("val")
+        if not self.trainer.sanity_checking and loss < self.best_val_loss:
+            self.best_val_loss = loss
+            self.best_epoch = int(self.current_epoch)
+            self.best_editor_state = {
+                k: v.detach().clone() for k, v in self.editor.state_dict().items()
+            }
+
+    def on_test_epoch_end(self) -> None:
+        self._log_score("test")
+
+    def on_test_start(self) -> None:
+        self.use_best_weights()
+
+    def on_predict_start(self) -> None:
+        self.use_best_weights()
+
+    def restore_best(self) -> None:
+        """Load the editor weights of the best validation epoch (error if there is none)."""
+        if self.best_editor_state is None:
+            raise RuntimeError("no validation epoch has finished yet; nothing to restore")
+        self.editor.load_state_dict(self.best_editor_state)
+
+    def use_best_weights(self) -> bool:
+        """Put the best-validation editor in place when one is known, and say so; returns
+        whether it did (checkpoints written before any validation have none)."""
+        if self.best_editor_state is None:
+            return False
+        self.restore_best()
+        rank_zero_info(
+            f"{self.method}: using the best-validation editor "
+            f"(epoch {self.best_epoch}, val/loss {self.best_val_loss:.4f})"
+        )
+        return True
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "model": self._lm.spec,
+            "layers": list(self.edit_layers),
+            "hidden_size": self._lm.arch.hidden_size,
+            **self.checkpoint_extra(),
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["remedi"] = self.checkpoint_meta()
+        if self.best_editor_state is not None:
+            checkpoint["remedi_best"] = {
+                "val_loss": self.best_val_loss,
+                "epoch": self.best_epoch,
+                "state_dict": self.best_editor_state,
+            }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_checkpoint_meta(checkpoint, self.checkpoint_meta())
+        best = checkpoint.get("remedi_best")
+        if best is not None:
+            self.best_val_loss = float(best["val_loss"])
+            self.best_epoch = best["epoch"]
+            self.best_editor_state = dict(best["state_dict"])
+
+
+def check_checkpoint_meta(checkpoint: dict[str, Any], mine: dict[str, Any]) -> None:
+    """Raise a one-line ``ValueError`` when ``checkpoint`` was trained for another method,
+    model, layer set or hidden size than ``mine`` describes."""
+    saved = checkpoint.get("remedi")
+    if saved is None:
+        raise ValueError("checkpoint: not a remedi checkpoint (no 'remedi' entry)")
+    saved = dict(saved)
+    saved.setdefault("method", "remedi")  # written before MEND/KE existed
+    if "layers" not in saved and "layer" in saved:
+        saved["layers"] = [saved["layer"]]
+    if saved["method"] != mine["method"]:
+        raise ValueError(
+            f"checkpoint: trained a {saved['method']!r} editor, but this run loads a "
+            f"{mine['method']!r} editor"
+        )
+    if any(saved.get(k) != mine[k] for k in ("model", "layers", "hidden_size")):
+        raise ValueError(
+            f"checkpoint: trained for model {saved.get('model')!r} layers {saved.get('layers')} "
+            f"(hidden {saved.get('hidden_size')}), but this run uses model {mine['model']!r} "
+            f"layers {mine['layers']} (hidden {mine['hidden_size']})"
+        )
