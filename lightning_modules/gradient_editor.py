@@ -70,25 +70,40 @@ def locality_rows(cases: list[EditCase], per_case: int) -> tuple[list[str], list
 
 
 class GradientEditorModule(LearnedEditorModule):
-    """Shared training of MEND and KE; subclasses build the editor network."""
+    """Shared training of MEND and KE; subclasses build the editor network.
+
+    Args:
+        model: model spec for :func:`remedi.models.load_model`.
+        model_dtype: dtype of the frozen LM; the networks stay fp32.
+        layers: edited blocks (default: the last three, as MEND).
+        c_edit: weight of the edit loss.
+        c_loc: weight of the locality KL.
+        lr: Adam learning rate of the networks.
+        lr_step: Adam learning rate of the step sizes.
+        grad_clip: gradient-norm clipping (0: none; the Trainer's gradient_clip_val wins).
+        loc_prompts: neighbourhood prompts per case in the locality loss.
+        scoring: metric probabilities, "mean" (CounterFact) or "first".
+        eval_batch_size: rows per forward pass when scoring the metrics.
+    """
 
     train_unit = "cases"
 
     def __init__(
         self,
-        model: str,
-        model_dtype: str,
-        layers: list[int] | None,
-        c_edit: float,
-        c_loc: float,
-        lr: float,
-        lr_step: float,
-        grad_clip: float,
-        loc_prompts: int,
-        scoring: Scoring,
-        eval_batch_size: int,
+        model: str = "gemma3-270m",
+        model_dtype: str = "float32",
+        layers: list[int] | None = None,
+        c_edit: float = 0.1,
+        c_loc: float = 1.0,
+        lr: float = 1e-4,
+        lr_step: float = 1e-4,
+        grad_clip: float = 100.0,
+        loc_prompts: int = 1,
+        scoring: Scoring = "mean",
+        eval_batch_size: int = 32,
     ) -> None:
         super().__init__(model, model_dtype, scoring, eval_batch_size)
+        self.save_hyperparameters()  # a subclass's own arguments too
         chosen = default_layers(self._lm) if layers is None else list(layers)
         self.layers = [self._lm.arch.check_layer(layer) for layer in chosen]
         for name, value in (("c_edit", c_edit), ("c_loc", c_loc), ("grad_clip", grad_clip)):
@@ -187,121 +202,37 @@ class GradientEditorModule(LearnedEditorModule):
 
 
 class MendModule(GradientEditorModule):
-    """Train a MEND editor (Mitchell et al. 2021) on the MLP output projections of ``layers``.
+    """Train a MEND editor (Mitchell et al. 2021) on the MLP output projections of ``layers``;
+    the other arguments are :class:`GradientEditorModule`'s.
 
     Args:
-        model: model spec for :func:`remedi.models.load_model`.
-        model_dtype: dtype of the frozen LM; the networks stay fp32.
-        layers: edited blocks (default: the last three, as MEND).
         rank: rank of the gradient network's two low-rank blocks.
         init_step: initial per-layer step size α.
-        c_edit: weight of the edit loss.
-        c_loc: weight of the locality KL.
-        lr: Adam learning rate of the networks.
-        lr_step: Adam learning rate of the step sizes.
-        grad_clip: gradient-norm clipping (0: none; the Trainer's gradient_clip_val wins).
-        loc_prompts: neighbourhood prompts per case in the locality loss.
-        scoring: metric probabilities, "mean" (CounterFact) or "first".
-        eval_batch_size: rows per forward pass when scoring the metrics.
     """
 
     method = "mend"
 
-    def __init__(
-        self,
-        model: str = "gemma3-270m",
-        model_dtype: str = "float32",
-        layers: list[int] | None = None,
-        rank: int = 256,
-        init_step: float = 1e-4,
-        c_edit: float = 0.1,
-        c_loc: float = 1.0,
-        lr: float = 1e-4,
-        lr_step: float = 1e-4,
-        grad_clip: float = 100.0,
-        loc_prompts: int = 1,
-        scoring: Scoring = "mean",
-        eval_batch_size: int = 32,
-    ) -> None:
-        super().__init__(
-            model,
-            model_dtype,
-            layers,
-            c_edit,
-            c_loc,
-            lr,
-            lr_step,
-            grad_clip,
-            loc_prompts,
-            scoring,
-            eval_batch_size,
-        )
-        self.save_hyperparameters()
+    def __init__(self, rank: int = 256, init_step: float = 1e-4, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         n_in, n_out = self.projection_shape
         self.editor = MendEditor(self.layers, n_in, n_out, rank=rank, init_step=init_step)
 
 
 class KeModule(GradientEditorModule):
-    """Train a KnowledgeEditor (De Cao et al. 2021) on the MLP output projections of ``layers``.
+    """Train a KnowledgeEditor (De Cao et al. 2021) on the MLP output projections of ``layers``;
+    the other arguments are :class:`GradientEditorModule`'s.
 
     Args:
-        model: model spec for :func:`remedi.models.load_model`.
-        model_dtype: dtype of the frozen LM; the networks stay fp32.
-        layers: edited blocks (default: the last three).
         hidden: width of the request encoder's LSTM (each direction).
         init_step: initial per-layer step size α.
-        c_edit: weight of the edit loss.
-        c_loc: weight of the locality KL.
-        lr: Adam learning rate of the networks.
-        lr_step: Adam learning rate of the step sizes.
-        grad_clip: gradient-norm clipping (0: none; the Trainer's gradient_clip_val wins).
-        loc_prompts: neighbourhood prompts per case in the locality loss.
-        scoring: metric probabilities, "mean" (CounterFact) or "first".
-        eval_batch_size: rows per forward pass when scoring the metrics.
     """
 
     method = "ke"
 
-    def __init__(
-        self,
-        model: str = "gemma3-270m",
-        model_dtype: str = "float32",
-        layers: list[int] | None = None,
-        hidden: int = 128,
-        init_step: float = 1e-4,
-        c_edit: float = 0.1,
-        c_loc: float = 1.0,
-        lr: float = 1e-4,
-        lr_step: float = 1e-4,
-        grad_clip: float = 100.0,
-        loc_prompts: int = 1,
-        scoring: Scoring = "mean",
-        eval_batch_size: int = 32,
-    ) -> None:
-        super().__init__(
-            model,
-            model_dtype,
-            layers,
-            c_edit,
-            c_loc,
-            lr,
-            lr_step,
-            grad_clip,
-            loc_prompts,
-            scoring,
-            eval_batch_size,
-        )
-        self.save_hyperparameters()
+    def __init__(self, hidden: int = 128, init_step: float = 1e-4, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         n_in, n_out = self.projection_shape
         embed_dim = self._lm.arch.hidden_size  # the input embeddings' width
         self.editor = KeEditor(
             self.layers, n_in, n_out, embed_dim, hidden=hidden, init_step=init_step
         )
-
-
-def module_for(method: str) -> type[GradientEditorModule]:
-    """The module class that trains ``method`` ("mend" or "ke")."""
-    classes: dict[str, type[GradientEditorModule]] = {"mend": MendModule, "ke": KeModule}
-    if method not in classes:
-        raise ValueError(f"method {method!r} is not a gradient editor (mend, ke)")
-    return classes[method]

@@ -7,8 +7,14 @@ import logging
 import pickle
 from pathlib import Path
 
+import torch
+
 from lightning_modules.gradient_editor import KeModule, MendModule
-from lightning_modules.learned_editor import LearnedEditorModule, register_model
+from lightning_modules.learned_editor import (
+    LearnedEditorModule,
+    check_checkpoint_meta,
+    register_model,
+)
 from lightning_modules.remedi_module import RemediModule
 from remedi.models import LoadedModel
 
@@ -32,13 +38,17 @@ def load_trained(
             f"method {method!r} is not a learned editor ({', '.join(LEARNED_METHODS)})"
         )
     register_model(lm, dtype)
+    cls = LEARNED_METHODS[method]
     try:
-        module = LEARNED_METHODS[method].load_from_checkpoint(
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if saved.get("remedi", {}).get("method", "remedi") != method:  # before building one
+            check_checkpoint_meta(saved, {"method": method})
+        module = cls.load_from_checkpoint(
             checkpoint, map_location="cpu", model=lm.spec, model_dtype=dtype
         )
     except ValueError as err:  # another method, model or layer set: name the file
         raise ValueError(str(err).replace("checkpoint:", f"checkpoint {checkpoint}:", 1)) from err
-    except (RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as err:
+    except (RuntimeError, KeyError, EOFError, AttributeError, pickle.UnpicklingError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
             f"checkpoint {checkpoint}: cannot be read as a {method} checkpoint ({first})"

@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from test_datamodules import write_rome
 
 from datamodules import CounterFactDataModule
-from lightning_modules import KeModule, MendModule, register_model
+from lightning_modules import KeModule, MendModule, load_trained, register_model
 from lightning_modules.gradient_editor import GradientEditorModule
 from remedi.data import EditCase, load_cases
 from remedi.editors.gradient import apply_updates, edit_batch_loss, token_gradients
@@ -209,7 +209,7 @@ def test_checkpoint_from_another_model_or_method_fails(tiny: LoadedModel, tmp_pa
         MendModule.load_from_checkpoint(tmp_path / "last.ckpt", model=gpt2.spec)
     assert "\n" not in str(info.value)
     with pytest.raises(ValueError, match="trained a 'mend' editor, but this run loads a 'ke'"):
-        KeModule.load_from_checkpoint(tmp_path / "last.ckpt")
+        load_trained("ke", tmp_path / "last.ckpt", tiny)
 
 
 def test_bad_settings_fail_early(tiny: LoadedModel) -> None:
