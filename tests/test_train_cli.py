@@ -215,3 +215,15 @@ def test_ddp_on_two_cpu_processes_syncs_metrics(tmp_path: Path, module: list[str
     counts = [e.value for e in events.Scalars("val/n_cases")]  # one validation per epoch
     assert counts and set(counts) == {4.0}
     assert 0.0 <= events.Scalars("val/efficacy_score")[0].value <= 1.0
+
+
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "configs").rglob("*.yaml")), ids=lambda p: p.relative_to(REPO).as_posix()
+)
+def test_every_config_parses(path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each shipped config is a complete, valid description of a run (nothing is built)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(path), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "class_path: lightning_modules." in out and "class_path: datamodules." in out
