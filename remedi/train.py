@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -34,12 +35,34 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 
+class RunCheckpoint(ModelCheckpoint):
+    """Keeps the best checkpoint by the monitored metric and rewrites ``last.ckpt`` after every
+    validation. Lightning (2.6) rewrites ``last.ckpt`` only when a top-k file is saved, so after
+    an epoch that did not improve ``--ckpt_path last`` would resume from the last improving
+    epoch and silently lose the epochs after it."""
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._keep_last(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._keep_last(trainer)
+
+    def _keep_last(self, trainer: L.Trainer) -> None:
+        """Write ``last.ckpt`` unless this step's checkpoint was just saved."""
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
 class RemediCLI(LightningCLI):
     """LightningCLI with REMEDI's checkpoint, early-stopping and logger defaults."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.set_defaults({"model": {"class_path": f"lightning_modules.{RemediModule.__name__}"}})
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/loss",

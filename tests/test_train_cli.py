@@ -227,3 +227,16 @@ def test_every_config_parses(path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert exit_info.value.code in (0, None)
     out = capsys.readouterr().out
     assert "class_path: lightning_modules." in out and "class_path: datamodules." in out
+
+
+def test_last_checkpoint_follows_epochs_that_do_not_improve(config: Path, tmp_path: Path) -> None:
+    """With a monitored value that never improves after the first validation, ``last.ckpt``
+    still holds the newest step (Lightning alone would keep the first epoch's)."""
+    root = tmp_path / "run"
+    args = ["fit", "--config", str(config), "--trainer.default_root_dir", str(root)]
+    args += ["--trainer.max_steps", "-1", "--trainer.max_epochs", "3"]
+    main([*args, "--checkpoint.monitor", "val/n_cases", "--early_stopping.monitor", "val/n_cases"])
+    ckpt = torch.load(root / "last.ckpt", weights_only=True)
+    assert ckpt["epoch"] == 2
+    (best,) = root.glob("best-epoch*.ckpt")
+    assert best.name.startswith("best-epoch00")
