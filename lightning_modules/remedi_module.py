@@ -48,7 +48,8 @@ class RemediModule(LearnedEditorModule):
         model: model spec for :func:`remedi.models.load_model` (default model, path or hub id).
         model_dtype: dtype of the frozen LM (float32, bfloat16, float16); the editor stays fp32.
         layer: block whose output is edited at the entity's last token (0-indexed).
-        editor: affine, low_rank, biaffine, mlp, identity or null.
+        editor: affine, low_rank, biaffine, mlp, identity or null (a YAML null, which is what
+            ``--model.editor null`` parses to under the subclass-mode CLI, means null too).
         rank: rank of the low_rank editor.
         mlp_width: hidden width of the mlp editor (default: the model's hidden size).
         lr: AdamW learning rate.
@@ -70,7 +71,7 @@ class RemediModule(LearnedEditorModule):
         model: str = "gemma3-270m",
         model_dtype: str = "float32",
         layer: int = 1,
-        editor: EditorKind = "affine",
+        editor: EditorKind | None = "affine",
         rank: int = 64,
         mlp_width: int | None = None,
         lr: float = 1e-3,
@@ -89,7 +90,10 @@ class RemediModule(LearnedEditorModule):
         if target_tokens not in ("first", "all"):
             raise ValueError(f"target_tokens {target_tokens!r} must be 'first' or 'all'")
         self.layer = self._lm.arch.check_layer(layer)
-        self.editor: Editor = build_editor(editor, self._lm.arch.hidden_size, rank, mlp_width)
+        self.editor_kind: EditorKind = "null" if editor is None else editor
+        self.editor: Editor = build_editor(
+            self.editor_kind, self._lm.arch.hidden_size, rank, mlp_width
+        )
         self.weights = LossWeights(lambda_m, lambda_u, lambda_kl, lambda_norm, lambda_essence)
         self._attribute_cache: dict[tuple[str, str], torch.Tensor] = {}
 
@@ -217,4 +221,4 @@ class RemediModule(LearnedEditorModule):
         )
 
     def checkpoint_extra(self) -> dict[str, Any]:
-        return {"editor": self.hparams["editor"]}
+        return {"editor": self.editor_kind}

@@ -110,7 +110,7 @@ def test_dotted_overrides_reach_the_module(config: Path, tmp_path: Path) -> None
             "first",
         ]
     )
-    assert cli.model.hparams["editor"] == "null"
+    assert cli.model.editor_kind == "null"
     assert "val/efficacy_score" in cli.trainer.callback_metrics
 
 
