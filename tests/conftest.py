@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from functools import cache
+from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -174,3 +176,23 @@ COUNTERFACT_RECORDS = [
     },
 ]
 """Two ROME-layout CounterFact records for command-line tests on tiny models."""
+
+
+def lightning_trainer(root: Path, **kwargs: object) -> L.Trainer:
+    """A quiet CPU Trainer for module tests: ``last.ckpt`` in ``root``, no logger, no
+    validation unless asked (``limit_val_batches=None``), gradients allowed in validation."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    defaults: dict[str, object] = dict(
+        default_root_dir=str(root),
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        inference_mode=False,
+        callbacks=[ModelCheckpoint(dirpath=str(root), save_last=True, save_top_k=0)],
+    )
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)  # type: ignore[arg-type]

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import lightning_trainer, tiny_model
 from lightning.pytorch.callbacks import ModelCheckpoint
 from test_datamodules import write_rome
 
@@ -33,20 +32,7 @@ def _data(tmp_path: Path) -> CounterFactDataModule:
     )
 
 
-def _trainer(root: Path, **kwargs: object) -> L.Trainer:
-    defaults: dict[str, object] = dict(
-        default_root_dir=str(root),
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        inference_mode=False,
-        callbacks=[ModelCheckpoint(dirpath=str(root), save_last=True, save_top_k=0)],
-    )
-    defaults.update(kwargs)
-    return L.Trainer(**defaults)  # type: ignore[arg-type]
+_trainer = lightning_trainer
 
 
 def _module(tiny: LoadedModel, **kwargs: object) -> RemediModule:
