@@ -16,6 +16,8 @@ Validation and test score each case under its own update, as an evaluation appli
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -170,9 +172,10 @@ class GradientEditorModule(LearnedEditorModule):
         with torch.no_grad():
             updates = self.editor.updates(self._lm, cases)
 
-        def context(_batch: ContinuationBatch, rows: Any) -> Any:
-            groups = [row.case_index for row in rows if isinstance(row, ScoredRow)]
-            return apply_updates(self._lm, updates, groups)
+        def context(
+            _batch: ContinuationBatch, rows: Sequence[ScoredRow]
+        ) -> AbstractContextManager[None]:
+            return apply_updates(self._lm, updates, [row.case_index for row in rows])
 
         return context
 
