@@ -116,6 +116,7 @@ class GradientEditorModule(LearnedEditorModule):
         self.c_edit, self.c_loc = c_edit, c_loc
         self.lr, self.lr_step, self.grad_clip = lr, lr_step, grad_clip
         self.loc_prompts = loc_prompts
+        self._eval_cache: tuple[list[EditCase], list[LayerUpdate]] | None = None
 
     editor: GradientEditor
 
@@ -132,9 +133,13 @@ class GradientEditorModule(LearnedEditorModule):
     def checkpoint_extra(self) -> dict[str, Any]:
         return {"projection_shape": list(self.projection_shape)}
 
-    def loss_terms(self, cases: list[EditCase]) -> dict[str, torch.Tensor]:
+    def loss_terms(
+        self, cases: list[EditCase], updates: list[LayerUpdate] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Loss terms of ``cases`` under their updates (computed here unless given)."""
         lm = self._lm
-        updates = self.editor.updates(lm, cases)
+        if updates is None:
+            updates = self.editor.updates(lm, cases)
         prompts, targets, groups = edit_rows(cases)
         batch = encode_continuations(lm.tokenizer, prompts, targets).to(lm.device)
         with apply_updates(lm, updates, groups):
@@ -166,11 +171,28 @@ class GradientEditorModule(LearnedEditorModule):
         return self.loss_terms(batch)
 
     def eval_terms(self, batch: Any) -> dict[str, torch.Tensor]:
-        return self.loss_terms(batch.cases)
+        return self.loss_terms(batch.cases, self._eval_updates(batch.cases))
+
+    def _eval_updates(self, cases: list[EditCase]) -> list[LayerUpdate]:
+        """The cases' updates without gradients, computed once per validation/test batch (the
+        loss terms and the metrics of one batch share them: one LM pass, not two)."""
+        cached = self._eval_cache
+        if cached is None or cached[0] is not cases:
+            with torch.no_grad():
+                cached = (cases, self.editor.updates(self._lm, cases))
+            self._eval_cache = cached
+        return cached[1]
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_cache = None
+        super().on_validation_epoch_end()
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_cache = None
+        super().on_test_epoch_end()
 
     def case_edit(self, cases: list[EditCase]) -> EditContext:
-        with torch.no_grad():
-            updates = self.editor.updates(self._lm, cases)
+        updates = self._eval_updates(cases)
 
         def context(
             _batch: ContinuationBatch, rows: Sequence[ScoredRow]

@@ -136,8 +136,14 @@ def predictions(lm: LoadedModel, requests: Sequence[EditRequest]) -> list[dict[s
     return out
 
 
-def apply(lm: LoadedModel, args: argparse.Namespace, requests: Sequence[EditRequest]) -> None:
-    """Apply every request to ``lm`` in place (the edits are kept)."""
+def apply(
+    lm: LoadedModel,
+    args: argparse.Namespace,
+    requests: Sequence[EditRequest],
+    editor: Any = None,
+) -> None:
+    """Apply every request to ``lm`` in place (the edits are kept); ``editor`` is the trained
+    MEND/KE editor for those methods."""
     from remedi.methods import second_moment
 
     if args.method == "rome":
@@ -169,7 +175,6 @@ def apply(lm: LoadedModel, args: argparse.Namespace, requests: Sequence[EditRequ
         for req in requests:
             finetune.apply_edit(lm, req, fhp)
     elif args.method in LEARNED:
-        editor = args.trained_editor
         editor.apply_edit(lm, [_as_case(i, req) for i, req in enumerate(requests)])
     else:
         from remedi.methods import knowledge_neurons
@@ -222,11 +227,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         bad = [x for x in layers if x is not None and not 0 <= x < n]
         if bad:
             return _fail(f"{name} {bad[0]} is out of range (0..{n - 1})")
+    editor = None
     if args.method in LEARNED:
         from lightning_modules import load_trained
 
         try:
-            args.trained_editor = load_trained(args.method, args.checkpoint, lm, args.dtype).editor
+            editor = load_trained(args.method, args.checkpoint, lm, args.dtype).editor
         except ValueError as err:
             return _fail(str(err))
     try:
@@ -234,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         return _fail(f"--requests: {err}")
     start = time.perf_counter()
-    apply(lm, args, requests)
+    apply(lm, args, requests, editor)
     seconds = time.perf_counter() - start
     after = predictions(lm, requests)
     report = []
