@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Sampler
 
 from remedi.data import EditCase, load_builtin, load_cases
@@ -112,8 +113,10 @@ class EditCaseDataModule(L.LightningDataModule):
 
     ``predict_path`` is a JSONL file of requests (see :func:`read_requests`); ``predict`` writes
     generations and target probabilities to ``predict_output`` (default: the run directory's
-    ``predictions.jsonl``), ``max_new_tokens`` per request. These live here rather than in the
-    module because ``--ckpt_path`` re-applies the module's saved arguments.
+    ``predictions.jsonl``), ``max_new_tokens`` per request.
+
+    Batches hold strings and dataclasses only (the module tokenises on the LM's device), so
+    :meth:`transfer_batch_to_device` hands them over unchanged.
     """
 
     def __init__(
@@ -151,6 +154,10 @@ class EditCaseDataModule(L.LightningDataModule):
 
     def load_splits(self) -> tuple[list[EditCase], list[EditCase], list[EditCase]]:
         raise NotImplementedError
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, idx: int) -> Any:
+        """The batch as it is: nothing in it lives on a device."""
+        return batch
 
     def setup(self, stage: str | None = None) -> None:
         if not self._loaded:

@@ -1,7 +1,12 @@
 """LightningModules that train editors against a frozen LM, on one shared base."""
 
 from lightning_modules.gradient_editor import GradientEditorModule, KeModule, MendModule
-from lightning_modules.learned_editor import LearnedEditorModule, register_model, shared_model
+from lightning_modules.learned_editor import (
+    LearnedEditorModule,
+    is_registered,
+    register_model,
+    shared_model,
+)
 from lightning_modules.remedi_module import RemediModule
 from lightning_modules.trained import LEARNED_METHODS, load_trained
 
@@ -12,6 +17,7 @@ __all__ = [
     "LearnedEditorModule",
     "MendModule",
     "RemediModule",
+    "is_registered",
     "load_trained",
     "register_model",
     "shared_model",

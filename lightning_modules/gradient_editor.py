@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from lightning.pytorch.utilities.types import OptimizerLRScheduler
@@ -89,6 +89,8 @@ class GradientEditorModule(LearnedEditorModule):
     """
 
     train_unit = "cases"
+    checkpoint_fixed: ClassVar[tuple[str, ...]] = ("model", "layers")
+    checkpoint_restored: ClassVar[tuple[str, ...]] = ("lr", "lr_step", "init_step")
 
     def __init__(
         self,
@@ -236,6 +238,7 @@ class MendModule(GradientEditorModule):
     """
 
     method = "mend"
+    checkpoint_fixed = (*GradientEditorModule.checkpoint_fixed, "rank")
 
     def __init__(self, rank: int = 256, init_step: float = 1e-4, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -253,6 +256,7 @@ class KeModule(GradientEditorModule):
     """
 
     method = "ke"
+    checkpoint_fixed = (*GradientEditorModule.checkpoint_fixed, "hidden")
 
     def __init__(self, hidden: int = 128, init_step: float = 1e-4, **kwargs: Any) -> None:
         super().__init__(**kwargs)

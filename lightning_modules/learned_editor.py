@@ -8,7 +8,11 @@ whenever ``val/loss`` improves, saved in every checkpoint with its loss (so a re
 it), and put in place before ``test`` and ``predict`` and by :meth:`use_best_weights`.
 
 A subclass sets ``self.editor`` (the trainable ``nn.Module``) and implements
-:meth:`training_terms`, :meth:`eval_terms`, :meth:`case_edit` and :attr:`edit_layers`.
+:meth:`training_terms`, :meth:`eval_terms`, :meth:`case_edit` and :attr:`edit_layers`. For
+``--ckpt_path`` it also sorts its ``__init__`` arguments: ``checkpoint_fixed`` (what the trained
+weights were built for: the given value must match the checkpoint's) and ``checkpoint_restored``
+(replaced by the optimizer state when ``fit`` resumes: must match then); every other argument
+(scoring, batch sizes, loss weights) may differ from the checkpoint's.
 """
 
 from __future__ import annotations
@@ -36,6 +40,11 @@ def register_model(lm: LoadedModel, dtype: str = "float32") -> None:
     _MODELS[(lm.spec, dtype)] = lm
 
 
+def is_registered(spec: str, dtype: str = "float32") -> bool:
+    """Whether :func:`shared_model` already holds ``(spec, dtype)`` (then it loads nothing)."""
+    return (spec, dtype) in _MODELS
+
+
 def shared_model(spec: str, dtype: str = "float32") -> LoadedModel:
     """The process-wide frozen LM for ``(spec, dtype)``, loaded on first use."""
     key = (spec, dtype)
@@ -53,6 +62,10 @@ class LearnedEditorModule(L.LightningModule):
 
     method: ClassVar[str] = ""
     train_unit: ClassVar[TrainUnit] = "examples"
+    checkpoint_fixed: ClassVar[tuple[str, ...]] = ("model",)
+    """``__init__`` arguments a checkpoint's weights were built for (shapes, layers, LM)."""
+    checkpoint_restored: ClassVar[tuple[str, ...]] = ()
+    """``__init__`` arguments whose effect a resumed ``fit`` takes from the checkpoint's state."""
     editor: nn.Module
 
     def __init__(self, model: str, model_dtype: str, scoring: Scoring, eval_batch_size: int):
@@ -107,9 +120,6 @@ class LearnedEditorModule(L.LightningModule):
         device = self.trainer.strategy.root_device
         if self._lm.device != device:
             self._lm.model.to(device)  # type: ignore[arg-type]
-
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, idx: int) -> Any:
-        return batch  # strings only; tensors are built on the LM's device
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         terms = self.training_terms(batch)

@@ -65,6 +65,8 @@ class RemediModule(LearnedEditorModule):
     """
 
     method = "remedi"
+    checkpoint_fixed = ("model", "layer", "editor", "rank", "mlp_width")
+    checkpoint_restored = ("lr", "weight_decay")
 
     def __init__(
         self,

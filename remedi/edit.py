@@ -1,14 +1,15 @@
 """Apply weight edits to a model and save it as a Hugging Face directory.
 
-    python -m remedi.edit rome --model gemma3-270m --requests edits.json --output edited/ \\
-        --corpus wiki.txt
+    python -m remedi.edit rome --requests examples/requests.jsonl --output runs/edited
 
-Requests: ``{prompt, subject, target_new}`` objects (JSON list or JSONL; the prompt holds ``{}``
-or the subject) or CounterFact-style records. ROME, FT and KN apply the requests one after the
-other; MEMIT, and a trained MEND or KE editor (``--checkpoint``, best-validation weights), write
-them all at once (one summed update). Prints each request's top next token and target
-probabilities before and after, writes them to ``OUTPUT/edits.json`` and saves the edited model
-(safetensors + tokenizer) so that ``load_model(OUTPUT)`` opens it.
+Requests: ``{prompt, subject, target_new[, target_true]}`` objects (JSON list or JSONL; the prompt
+holds ``{}`` or the subject) or CounterFact-style records. ROME, FT and KN apply the requests one
+after the other; MEMIT, and a trained MEND or KE editor (``--checkpoint``, best-validation
+weights), write them all at once (one summed update). Prints each request's top next token and
+target probabilities before and after and whether its edit took (see :func:`edit_took`), writes
+them to ``OUTPUT/edits.json`` and saves the edited model (safetensors + tokenizer) so that
+``load_model(OUTPUT)`` opens it. Exits with 1 when an edit did not take (the model is saved all
+the same) unless ``--allow-failed``, and with 2 on a usage error.
 """
 
 from __future__ import annotations
@@ -17,83 +18,172 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from remedi.allocator import release_freed_memory
+from remedi.atomic import atomic_dir
+from remedi.cli import (
+    MODEL_LOAD_ERRORS,
+    HelpFormatter,
+    UsageError,
+    check_checkpoint_file,
+    check_device,
+    check_model_spec,
+    check_output_dir,
+    check_positive,
+    fail,
+    file_error,
+    one_line,
+    quiet_warnings,
+)
 from remedi.data import EditCase
 from remedi.methods.requests import EditRequest, load_requests
 from remedi.metrics import ScoredRow, row_probabilities
-from remedi.models import LoadedModel
-from remedi.models.loading import save_tokenizer
-from remedi.tokens import top_prediction
+from remedi.models import DEFAULT_MODEL, LoadedModel
+from remedi.models.loading import DTYPES, save_tokenizer
+from remedi.tokens import encode_continuations, top_prediction
 
 METHODS = ("rome", "memit", "kn", "ft", "mend", "ke")
 LEARNED = ("mend", "ke")
 DEFAULT_THREADS = 1
+EDIT_FAILED = 1
+"""Exit code when an edit did not take (without ``--allow-failed``)."""
+
+
+EPILOG = """\
+examples:
+  python -m remedi.edit rome --requests examples/requests.jsonl --output runs/edited
+  python -m remedi.edit memit --requests examples/requests.jsonl --output runs/edited-memit
+  python -m remedi.train fit --config configs/mend/quickstart.yaml   # trains a MEND editor, then
+  python -m remedi.edit mend --checkpoint checkpoints/mend/quickstart/last.ckpt \\
+      --requests examples/requests.jsonl --output runs/edited-mend
+
+--requests: a .jsonl file (one request a line) or a .json file (a list of them); a request is
+  {"prompt": "{} is headquartered in", "subject": "Toyota", "target_new": "Paris",
+   "target_true": "Japan"}
+"prompt" holds "{}" where the subject goes, or the subject itself. "target_true", the answer
+being replaced, is optional (kn needs it). Records of the layouts remedi.evaluate reads
+(CounterFact, MEND, zsRE; see python -m remedi.evaluate --help) work too.
+
+An edit took when, after it, P(target_new) > P(target_true) on the prompt; for a request without
+target_true, when target_new's first token is the model's top-1 next token. Exit code 1 when an
+edit did not take (the edited model is saved all the same) unless --allow-failed; 2 for a usage
+error (nothing loaded or written).
+
+outputs in --output: the edited model (config.json, model.safetensors, tokenizer files; open it
+with --model OUTPUT or remedi.models.load_model("OUTPUT")) and edits.json (per request: the
+request, the predictions before and after, and "took").
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m remedi.edit", description=__doc__.split("\n")[0])
-    p.add_argument("method", choices=METHODS)
-    p.add_argument("--model", default="gemma3-270m")
-    p.add_argument("--requests", required=True, type=Path)
-    p.add_argument("--output", required=True, type=Path)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cpu")
+    """The command line of ``python -m remedi.edit`` (also documents the request format)."""
+    p = argparse.ArgumentParser(
+        prog="python -m remedi.edit",
+        description=__doc__.split("\n")[0],
+        epilog=EPILOG,
+        formatter_class=HelpFormatter,
+    )
+    p.add_argument("method", choices=METHODS, help="the editing method")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="the LM: gemma3-270m, a hub id org/name, a model directory or a .gguf file",
+    )
+    p.add_argument(
+        "--requests", required=True, type=Path, help="a JSON/JSONL file of edit requests (below)"
+    )
+    p.add_argument(
+        "--output",
+        required=True,
+        type=Path,
+        help="directory the edited model and edits.json are saved to (replaced if it exists)",
+    )
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="the LM's dtype")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or mps")
     p.add_argument(
         "--threads",
         type=int,
         default=DEFAULT_THREADS,
-        help="torch CPU threads (default 1: edits run tiny batches, which more threads barely "
-        "speed up and slow down many times over on a CPU shared with other jobs)",
+        help="torch CPU threads: edits run tiny batches, which more threads barely speed up and "
+        "slow down many times over on a CPU shared with other jobs",
     )
-    p.add_argument("--corpus", default=None, help="text file(s)/dir or hf:NAME for statistics")
-    p.add_argument("--stats-tokens", type=int, default=100_000)
-    p.add_argument("--no-stats", action="store_true", help="identity C (unwhitened updates)")
-    p.add_argument("--layer", type=int, default=None, help="ROME/FT layer")
-    p.add_argument("--layers", type=int, nargs="+", default=None, help="MEMIT layers")
-    p.add_argument("--ft-eps", type=float, default=None, help="FT-L bound (default: plain FT)")
+    p.add_argument(
+        "--corpus",
+        default=None,
+        help="text for ROME/MEMIT's second-moment statistics: file(s) or a folder (one "
+        "document per line; .jsonl: one {'text': ...} object per line), hf:NAME[:CONFIG[:SPLIT]], "
+        "'sampled' (text sampled from the model, made once and cached; minutes on a CPU) or "
+        "'python-docs' (the Python documentation every Python ships; the default)",
+    )
+    p.add_argument(
+        "--stats-tokens", type=int, default=100_000, help="corpus tokens for the statistics"
+    )
+    p.add_argument(
+        "--no-stats", action="store_true", help="identity statistics (unwhitened updates)"
+    )
+    p.add_argument(
+        "--layer",
+        type=int,
+        default=None,
+        help="the layer ROME and FT edit; None: ROME's default layer for the model",
+    )
+    p.add_argument(
+        "--layers",
+        type=int,
+        nargs="+",
+        default=None,
+        help="the layers MEMIT spreads its update over; None: its default layers for the model",
+    )
+    p.add_argument(
+        "--ft-eps", type=float, default=None, help="ft: an L-infinity bound (FT-L); None: plain FT"
+    )
     p.add_argument(
         "--checkpoint",
         type=Path,
         default=None,
         help="mend/ke: the trained editor's checkpoint (python -m remedi.train fit ...)",
     )
+    p.add_argument(
+        "--allow-failed",
+        action="store_true",
+        help="exit with 0 even when an edit did not take",
+    )
     return p
 
 
-def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
-
-
 def _check(args: argparse.Namespace, requests: Sequence[EditRequest]) -> str | None:
-    if args.method in ("rome", "memit") and not args.no_stats:
-        if args.corpus is None:
-            return f"{args.method} needs --corpus PATH for its statistics (or --no-stats)"
-        if not str(args.corpus).startswith("hf:") and not Path(args.corpus).exists():
-            return f"--corpus: not found: {args.corpus}"
+    """The first problem with the arguments and requests, found before loading the model."""
+    try:
+        check_model_spec(args.model)
+        check_device(args.device)
+        check_output_dir(args.output)
+        check_positive(args.threads, "--threads")
+        check_positive(args.ft_eps, "--ft-eps")
+    except UsageError as err:
+        return str(err)
+    from remedi.methods.second_moment import source_exists
+
+    if not source_exists(args.corpus):
+        return f"--corpus: not found: {args.corpus}"
     if args.method in LEARNED:
         if args.checkpoint is None:
             return f"{args.method} needs --checkpoint PATH (a trained {args.method} editor)"
-        if not args.checkpoint.is_file():
-            return f"--checkpoint: file not found: {args.checkpoint}"
+        try:
+            check_checkpoint_file(args.checkpoint)
+        except UsageError as err:
+            return str(err)
     elif args.checkpoint is not None:
         return f"--checkpoint is for mend and ke, not {args.method}"
-    if args.threads < 1:
-        return f"--threads must be positive, got {args.threads}"
     if args.stats_tokens < 1:
         return f"--stats-tokens must be positive, got {args.stats_tokens}"
-    if args.output.exists() and not args.output.is_dir():
-        return f"--output {args.output} exists and is not a directory"
     if args.method == "kn":
         from remedi.methods import knowledge_neurons
 
@@ -136,6 +226,58 @@ def predictions(lm: LoadedModel, requests: Sequence[EditRequest]) -> list[dict[s
     return out
 
 
+def first_target_token(tokenizer: PreTrainedTokenizerBase, request: EditRequest) -> str:
+    """The first token of ``target_new`` after the rewrite prompt, decoded, tokenised as the
+    scores tokenise it (so it compares with :func:`predictions`' ``top``)."""
+    batch = encode_continuations(tokenizer, [request.rewrite_prompt], [request.target_new])
+    return str(tokenizer.decode([int(batch.target_ids[0, 0])]))
+
+
+def edit_took(request: EditRequest, after: dict[str, Any], first_token: str) -> bool:
+    """Whether the edit of ``request`` took, from :func:`predictions` after it.
+
+    With a ``target_true``: P(target_new) > P(target_true) on the rewrite prompt (CounterFact's
+    efficacy). Without one there is no rival answer to beat, so: ``target_new``'s first token
+    (``first_token``) is the top-1 next token. Probabilities alone cannot say it without a rival,
+    and the top-1 test is what a user sees when generating from the prompt.
+    """
+    if request.target_true:
+        return bool(after["p_new"] > after["p_true"])
+    return bool(after["top"] == first_token)
+
+
+def _prob(p: float) -> str:
+    return f"{p:.2f}" if p >= 0.01 else f"{p:.1e}"
+
+
+def outcome(request: EditRequest, after: dict[str, Any], took: bool) -> str:
+    """The numbers :func:`edit_took` decided by, e.g. ``P(new) 0.01 <= P(true) 0.30``."""
+    if request.target_true:
+        sign = ">" if took else "<="
+        return f"P(new) {_prob(after['p_new'])} {sign} P(true) {_prob(after['p_true'])}"
+    verdict = "begins" if took else "not"
+    return (
+        f"top {after['top']!r} {_prob(after['p_top'])}, {verdict} {request.target_new!r}; "
+        f"P(new) {_prob(after['p_new'])}"
+    )
+
+
+def summary_line(
+    method: str, requests: Sequence[EditRequest], report: Sequence[dict[str, Any]], shown: int = 5
+) -> str:
+    """``METHOD: K/N edits took; failed: request I 'PROMPT' (numbers), ...``."""
+    failed = [i for i, entry in enumerate(report) if not entry["took"]]
+    line = f"{method}: {len(report) - len(failed)}/{len(report)} edits took"
+    if failed:
+        named = [
+            f"request {i} {requests[i].rewrite_prompt!r} ({report[i]['outcome']})"
+            for i in failed[:shown]
+        ]
+        more = f"; and {len(failed) - shown} more (see edits.json)" if len(failed) > shown else ""
+        line += f"; failed: {', '.join(named)}{more}"
+    return line
+
+
 def apply(
     lm: LoadedModel,
     args: argparse.Namespace,
@@ -156,6 +298,7 @@ def apply(
         stats = None
         if not args.no_stats:
             stats = second_moment.collect(lm, [layer], args.corpus, n_tokens=args.stats_tokens)
+            print(second_moment.source_line(stats, args.corpus), file=sys.stderr)
         for req in requests:
             c = None if stats is None else stats[layer]
             rome.apply_edit(lm, req, layer=layer, stats=c, hparams=hp)
@@ -167,6 +310,7 @@ def apply(
         mstats = None
         if not args.no_stats:
             mstats = second_moment.collect(lm, layers, args.corpus, n_tokens=args.stats_tokens)
+            print(second_moment.source_line(mstats, args.corpus), file=sys.stderr)
         memit.apply_edits(lm, requests, stats=mstats, hparams=mhp)
     elif args.method == "ft":
         from remedi.methods import finetune
@@ -185,67 +329,67 @@ def apply(
 
 def save(lm: LoadedModel, output: Path, report: list[dict[str, Any]]) -> None:
     """Write the model, tokenizer and report to a temporary sibling, then swap it in."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=output.name + ".tmp-", dir=output.parent))
-    old = None
-    try:
+    with atomic_dir(output) as tmp:
         lm.model.save_pretrained(tmp)
         save_tokenizer(lm.tokenizer, tmp)
         (tmp / "edits.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        if output.exists():
-            old = output.with_name(output.name + ".old-" + tmp.name.rsplit("-", 1)[-1])
-            output.rename(old)
-        tmp.rename(output)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (1: an edit did not take, 2: usage error)."""
+    quiet_warnings()
     release_freed_memory()
     args = build_parser().parse_args(argv)
     try:
         requests = load_requests(args.requests)
     except (OSError, ValueError) as err:
-        return _fail(str(err))
+        return fail(file_error("--requests", args.requests, err))
     problem = _check(args, requests)
     if problem:
-        return _fail(problem)
+        return fail(problem)
     torch.set_num_threads(args.threads)
     from remedi.models import load_model
 
     loading = time.perf_counter()
     try:
         lm = load_model(args.model, dtype=args.dtype, device=args.device)
-    except (OSError, ValueError) as err:
-        return _fail(f"--model: {err}")
+    except MODEL_LOAD_ERRORS as err:
+        return fail(f"--model {args.model}: {one_line(err)}")
     loaded = time.perf_counter() - loading
     n = lm.arch.num_layers
     for name, layers in (("--layer", [args.layer]), ("--layers", args.layers or [])):
         bad = [x for x in layers if x is not None and not 0 <= x < n]
         if bad:
-            return _fail(f"{name} {bad[0]} is out of range (0..{n - 1})")
+            return fail(f"{name} {bad[0]} is out of range (0..{n - 1})")
     editor = None
     if args.method in LEARNED:
         from lightning_modules import load_trained
 
         try:
             editor = load_trained(args.method, args.checkpoint, lm, args.dtype).editor
-        except ValueError as err:
-            return _fail(str(err))
+        except (OSError, ValueError) as err:
+            return fail(file_error("--checkpoint", args.checkpoint, err))
     try:
         before = predictions(lm, requests)
+        first_tokens = [first_target_token(lm.tokenizer, req) for req in requests]
     except ValueError as err:
-        return _fail(f"--requests: {err}")
+        return fail(f"--requests {args.requests}: {one_line(err)}")
     start = time.perf_counter()
     apply(lm, args, requests, editor)
     seconds = time.perf_counter() - start
     after = predictions(lm, requests)
     report = []
-    for req, b, a in zip(requests, before, after, strict=True):
-        report.append({"request": vars(req), "before": b, "after": a})
+    for req, b, a, first in zip(requests, before, after, first_tokens, strict=True):
+        took = edit_took(req, a, first)
+        report.append(
+            {
+                "request": vars(req),
+                "before": b,
+                "after": a,
+                "took": took,
+                "outcome": outcome(req, a, took),
+            }
+        )
         true = (
             f", P(true) {b.get('p_true', 0):.3f} -> {a.get('p_true', 0):.3f}"
             if req.target_true
@@ -254,14 +398,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(
             f"{req.rewrite_prompt!r}: top {b['top']!r} ({b['p_top']:.3f}) -> "
             f"{a['top']!r} ({a['p_top']:.3f}); P({req.target_new!r}) "
-            f"{b['p_new']:.3f} -> {a['p_new']:.3f}{true}"
+            f"{b['p_new']:.3f} -> {a['p_new']:.3f}{true}; " + ("took" if took else "did not take")
         )
+    print(summary_line(args.method, requests, report))
     saving = time.perf_counter()
     save(lm, args.output, report)
     print(
         f"{args.method}: {len(requests)} edit(s) in {seconds:.1f} s; saved to {args.output} "
         f"(model load {loaded:.1f} s, save {time.perf_counter() - saving:.1f} s)"
     )
+    failed = sum(not entry["took"] for entry in report)
+    if failed and not args.allow_failed:
+        print(
+            f"error: {failed} of {len(report)} edits did not take (the edited model is saved in "
+            f"{args.output} all the same); pass --allow-failed to accept that",
+            file=sys.stderr,
+        )
+        return EDIT_FAILED
     return 0
 
 

@@ -1,17 +1,22 @@
 """Score editing methods on CounterFact-format cases with the shared metrics; one table row each.
 
-    python -m remedi.evaluate --method rome --method none --model gemma3-270m \\
-        --data counterfact.json --limit 50 --corpus wiki.txt --output runs/eval
+    python -m remedi.evaluate --method none --method rome --data builtin --limit 10 \\
+        --output runs/eval
 
-Methods: none, prefix (the context ``rewrite_prompt + " " + target_new`` and ". " before every
-prompt), ft, ft-l, rome, memit (all cases in one batch, or groups of ``--memit-batch``), kn
-(knowledge-neuron value-slot update), and the learned editors remedi, mend and ke (each from a
-trained ``--checkpoint``, with its best-validation weights). Weight editors (MEND and KE too)
-are applied per case and restored after it (see :mod:`remedi.methods.registry`). Writes
-``summary.json`` (one flat object; a list of them for several methods), ``cases.jsonl`` and
-``summary.md``, atomically. With ``--generation`` each case's generation prompts are also
-sampled under the method's edit of that case, adding generation entropy and reference score (see
-:mod:`remedi.metrics.generation`) to the rows and the samples to ``generations.jsonl``.
+``--data builtin[:split]`` scores the built-in facts (:func:`remedi.data.load_builtin`; the test
+split when no split is named), so a fresh clone needs no data file. Methods: none, prefix (the
+context ``rewrite_prompt + " " + target_new`` and ". " before every prompt), ft, ft-l, rome,
+memit (all cases in one batch, or groups of ``--memit-batch``), kn (knowledge-neuron value-slot
+update), and the learned editors remedi, mend and ke (each from a trained ``--checkpoint``, with
+its best-validation weights). Weight editors (MEND and KE too) are applied per case and restored
+after it (see :mod:`remedi.methods.registry`).
+
+Writes ``summary.json`` (one flat object; a list of them for several methods), ``cases.jsonl``
+(each case's metrics and ``took``: P(target_new) > P(target_true) on the rewrite prompt under the
+edit), ``summary.md`` and ``chart.png`` (ES, PS, NS and Score per method), atomically, and prints
+``METHOD: K/N edits took`` per method. With ``--generation`` each case's generation prompts are
+also sampled under the method's edit of that case, adding generation entropy and reference score
+(see :mod:`remedi.metrics.generation`) to the rows and the samples to ``generations.jsonl``.
 """
 
 from __future__ import annotations
@@ -32,7 +37,21 @@ from tqdm.auto import tqdm
 
 from remedi.allocator import release_freed_memory
 from remedi.atomic import write_text
-from remedi.data import EditCase, load_cases
+from remedi.cli import (
+    MODEL_LOAD_ERRORS,
+    HelpFormatter,
+    UsageError,
+    check_checkpoint_file,
+    check_device,
+    check_model_spec,
+    check_output_dir,
+    check_positive,
+    fail,
+    file_error,
+    one_line,
+    quiet_warnings,
+)
+from remedi.data import SPLITS, EditCase, load_builtin, load_cases
 from remedi.methods.registry import MethodResult, prefix_case, score_method
 from remedi.metrics import (
     GENERATION_METRIC_NAMES,
@@ -45,7 +64,8 @@ from remedi.metrics import (
     row_probabilities,
     summarize_generation,
 )
-from remedi.models import LoadedModel
+from remedi.models import DEFAULT_MODEL, LoadedModel
+from remedi.models.loading import DTYPES
 from remedi.tokens import PromptBatch
 
 log = logging.getLogger(__name__)
@@ -54,18 +74,99 @@ Sampler = Callable[..., None]
 LEARNED = ("remedi", "mend", "ke")
 METHODS = ("none", "prefix", "ft", "ft-l", "rome", "memit", "kn", *LEARNED)
 WEIGHT_METHODS = ("ft", "ft-l", "rome", "memit", "kn")
+POSITIVE_FLAGS = (
+    "--limit",
+    "--threads",
+    "--batch-size",
+    "--steps",
+    "--memit-batch",
+    "--ft-steps",
+    "--ft-eps",
+    "--generation-tokens",
+)
+"""Flags whose value, when given, must be positive."""
+
+
+EPILOG = """\
+examples:
+  python -m remedi.evaluate --method none --method prefix --data builtin --output runs/eval
+  python -m remedi.evaluate --method none --method rome --method ft-l --data builtin:validation \\
+      --limit 10 --output runs/eval-rome
+  python -m remedi.evaluate --method none --method mend --method ke --data builtin \\
+      --checkpoint mend=checkpoints/mend/quickstart/last.ckpt \\
+      --checkpoint ke=checkpoints/ke/quickstart/last.ckpt --output runs/eval-learned
+
+--data: builtin[:train|validation|test] (the built-in facts; builtin alone is the test split) or
+a .json file (a list of objects, or {"records": [...]}) or .jsonl file (one object a line) in one
+of these layouts, told apart by the first record's keys:
+  CounterFact as published by ROME:
+    {"case_id": 0, "requested_rewrite": {"prompt": "{} is headquartered in",
+     "subject": "Toyota", "target_new": {"str": "Paris"}, "target_true": {"str": "Japan"}},
+     "paraphrase_prompts": [...], "neighborhood_prompts": [...], "generation_prompts": [...]}
+  CounterFact/zsRE flattened as in MEND and EasyEdit:
+    {"prompt": ..., "subject": ..., "target_new": ..., "ground_truth": ...,
+     "rephrase_prompt": ..., "locality_prompt": ..., "locality_ground_truth": ...}
+  zsRE as in MEND: {"src": ..., "subject": ..., "alt": ..., "answers": [...], "rephrase": ...,
+     "loc": ..., "loc_ans": ...}
+  ROME's known facts: {"known_id": ..., "subject": ..., "attribute": ..., "prompt": ...}
+    (no target_new: nothing to edit, so evaluate rejects them)
+A prompt holds "{}" where the subject goes, or the subject itself.
+
+outputs in --output (each written atomically; earlier files of the same name are replaced):
+  summary.json  one object per method (a flat object for one method): method, model, n_cases,
+                efficacy/paraphrase/neighborhood score and magnitude, score, seconds_per_edit
+  summary.md    the same as a Markdown table (also printed)
+  cases.jsonl   one object per method and case: its metrics and "took" (P(target_new) >
+                P(target_true) on the rewrite prompt under the edit)
+  chart.png     grouped bars of ES, PS, NS and Score per method
+  generations.jsonl  with --generation: the sampled texts per method and case
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m remedi.evaluate`` (also documents inputs and outputs)."""
     p = argparse.ArgumentParser(
-        prog="python -m remedi.evaluate", description=__doc__.split("\n")[0]
+        prog="python -m remedi.evaluate",
+        description=__doc__.split("\n")[0],
+        epilog=EPILOG,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--method", action="append", required=True, choices=METHODS)
-    p.add_argument("--model", default="gemma3-270m")
-    p.add_argument("--data", required=True, type=Path, help="CounterFact-format JSON/JSONL")
-    p.add_argument("--output", required=True, type=Path)
-    p.add_argument("--limit", type=int, default=None, help="first N cases (after --known-only)")
-    p.add_argument("--known-only", action="store_true", help="keep cases the LM knows")
+    p.add_argument(
+        "--method",
+        action="append",
+        required=True,
+        choices=METHODS,
+        help="a method to score; repeat the flag to score several, one table row each",
+    )
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="the LM: gemma3-270m, a hub id org/name, a model directory or a .gguf file",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        metavar="FILE|builtin[:SPLIT]",
+        help="edit cases: a JSON/JSONL file (layouts below) or the built-in facts "
+        "(builtin = builtin:test)",
+    )
+    p.add_argument(
+        "--output",
+        required=True,
+        type=Path,
+        help="directory for summary.json, summary.md, cases.jsonl and chart.png (created)",
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="score only the first N cases, after --known-only; None: all",
+    )
+    p.add_argument(
+        "--known-only",
+        action="store_true",
+        help="keep only the cases the unedited LM knows (P(target_true) > P(target_new))",
+    )
     p.add_argument(
         "--checkpoint",
         action="append",
@@ -74,60 +175,121 @@ def build_parser() -> argparse.ArgumentParser:
         help="a trained editor's checkpoint (remedi, mend, ke); repeat as METHOD=PATH to score "
         "several learned editors in one table",
     )
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--batch-size", type=int, default=32, help="scoring batch size")
-    p.add_argument("--corpus", default=None, help="text file(s)/dir or hf:NAME for statistics")
-    p.add_argument("--stats-tokens", type=int, default=100_000)
-    p.add_argument("--no-stats", action="store_true", help="identity C (unwhitened updates)")
-    p.add_argument("--layer", type=int, default=None, help="ROME/FT layer")
-    p.add_argument("--n-context", type=int, default=None)
-    p.add_argument("--clamp", type=float, default=None, help="ROME clamp factor")
-    p.add_argument("--kl-weight", type=float, default=None)
-    p.add_argument("--weight-decay", type=float, default=None)
-    p.add_argument("--steps", type=int, default=None, help="ROME/MEMIT optimisation steps")
-    p.add_argument("--memit-layers", type=int, nargs="+", default=None)
-    p.add_argument("--memit-lambda", type=float, default=None)
-    p.add_argument("--memit-batch", type=int, default=None, help="edits per MEMIT batch")
-    p.add_argument("--ft-lr", type=float, default=None)
-    p.add_argument("--ft-steps", type=int, default=None)
-    p.add_argument("--ft-eps", type=float, default=5e-4, help="FT-L L-infinity bound")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="the LM's dtype")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N or mps")
     p.add_argument(
-        "--generation", action="store_true", help="also score sampled generations (GE, RS)"
+        "--threads", type=int, default=None, help="torch CPU threads; None: torch's default"
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per scoring forward pass")
+    p.add_argument(
+        "--corpus",
+        default=None,
+        help="text for ROME/MEMIT's second-moment statistics: file(s) or a folder (one "
+        "document per line; .jsonl: one {'text': ...} object per line), hf:NAME[:CONFIG[:SPLIT]], "
+        "'sampled' (text sampled from the model, made once and cached; minutes on a CPU) or "
+        "'python-docs' (the Python documentation every Python ships; the default)",
+    )
+    p.add_argument(
+        "--stats-tokens", type=int, default=100_000, help="corpus tokens for the statistics"
+    )
+    p.add_argument(
+        "--no-stats", action="store_true", help="identity statistics (unwhitened updates)"
+    )
+    method_default = "None: the method's own default"
+    p.add_argument(
+        "--layer",
+        type=int,
+        default=None,
+        help="the layer ROME, FT and FT-L edit; None: ROME's default layer for the model",
+    )
+    p.add_argument(
+        "--n-context",
+        type=int,
+        default=None,
+        help=f"ROME/MEMIT: text prefixes the target is also optimised under; {method_default}",
+    )
+    p.add_argument(
+        "--clamp",
+        type=float,
+        default=None,
+        help=f"ROME/MEMIT: bound on ‖δ‖ as a multiple of the edited state's norm; {method_default}",
+    )
+    p.add_argument(
+        "--kl-weight",
+        type=float,
+        default=None,
+        help=f"ROME/MEMIT: weight of the essence (KL) term; {method_default}",
+    )
+    p.add_argument(
+        "--weight-decay",
+        type=float,
+        default=None,
+        help=f"ROME/MEMIT: weight decay of the optimised state; {method_default}",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help=f"ROME/MEMIT: optimisation steps; {method_default}",
+    )
+    p.add_argument(
+        "--memit-layers",
+        type=int,
+        nargs="+",
+        default=None,
+        help="the layers MEMIT spreads its update over; None: its default layers for the model",
+    )
+    p.add_argument(
+        "--memit-lambda",
+        type=float,
+        default=None,
+        help="MEMIT's weight λ of the statistics; None: GPT-J's 15,000 scaled by the MLP width",
+    )
+    p.add_argument(
+        "--memit-batch",
+        type=int,
+        default=None,
+        help="edits per MEMIT batch; None: all cases in one batch",
+    )
+    p.add_argument(
+        "--ft-lr", type=float, default=None, help=f"FT/FT-L learning rate; {method_default}"
+    )
+    p.add_argument(
+        "--ft-steps", type=int, default=None, help=f"FT/FT-L optimisation steps; {method_default}"
+    )
+    p.add_argument("--ft-eps", type=float, default=5e-4, help="FT-L's L-infinity bound")
+    p.add_argument(
+        "--generation",
+        action="store_true",
+        help="also sample the generation prompts under each edit and score them (generation "
+        "entropy, reference score); writes generations.jsonl",
     )
     p.add_argument("--generation-tokens", type=int, default=100, help="new tokens per sample")
     return p
 
 
-def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
-
-
 def _check_args(args: argparse.Namespace) -> str | None:
     """The first problem with the arguments, found before loading anything expensive."""
-    if args.limit is not None and args.limit < 1:
-        return f"--limit must be positive, got {args.limit}"
     try:
+        check_model_spec(args.model)
+        check_device(args.device)
+        check_output_dir(args.output)
+        for flag in POSITIVE_FLAGS:
+            check_positive(getattr(args, flag.removeprefix("--").replace("-", "_")), flag)
         args.checkpoints = checkpoint_paths(args.checkpoint, args.method)
     except ValueError as err:
         return str(err)
-    needs_stats = {"rome", "memit"} & set(args.method)
-    if needs_stats and not args.no_stats:
-        if args.corpus is None:
-            return (
-                f"--method {sorted(needs_stats)[0]} needs --corpus PATH for its second-moment "
-                "statistics (or --no-stats for an unwhitened update)"
-            )
-        if not str(args.corpus).startswith("hf:") and not Path(args.corpus).exists():
-            return f"--corpus: not found: {args.corpus}"
+    if args.n_context is not None:
+        from remedi.methods.rome import CONTEXT_PREFIXES
+
+        if not 0 <= args.n_context <= len(CONTEXT_PREFIXES):
+            return f"--n-context must be in 0..{len(CONTEXT_PREFIXES)}, got {args.n_context}"
+    from remedi.methods.second_moment import source_exists
+
+    if not source_exists(args.corpus):
+        return f"--corpus: not found: {args.corpus}"
     if args.stats_tokens < 1:
         return f"--stats-tokens must be positive, got {args.stats_tokens}"
-    if args.memit_batch is not None and args.memit_batch < 1:
-        return f"--memit-batch must be positive, got {args.memit_batch}"
-    if args.generation_tokens < 1:
-        return f"--generation-tokens must be positive, got {args.generation_tokens}"
     return None
 
 
@@ -152,8 +314,7 @@ def checkpoint_paths(values: Sequence[str], methods: Sequence[str]) -> dict[str,
         if method not in paths:
             hint = f"--checkpoint {method}=PATH" if len(learned) > 1 else "--checkpoint PATH"
             raise ValueError(f"--method {method} needs {hint}")
-        if not paths[method].is_file():
-            raise ValueError(f"--checkpoint: file not found: {paths[method]}")
+        check_checkpoint_file(paths[method])
     return paths
 
 
@@ -189,11 +350,11 @@ class Runner:
 
         wanted = [layer for layer in layers if layer not in self._stats]
         if wanted:
-            self._stats.update(
-                second_moment.collect(
-                    self.lm, wanted, self.args.corpus, n_tokens=self.args.stats_tokens
-                )
+            collected = second_moment.collect(
+                self.lm, wanted, self.args.corpus, n_tokens=self.args.stats_tokens
             )
+            print(second_moment.source_line(collected, self.args.corpus), file=sys.stderr)
+            self._stats.update(collected)
         return {layer: self._stats[layer] for layer in layers}
 
     def run(self, method: str, cases: Sequence[EditCase]) -> MethodResult:
@@ -400,6 +561,7 @@ def evaluate(
                 "target_true": case.target_true,
                 "target_new": case.target_new,
                 **metrics,
+                "took": metrics["efficacy_score"] > 0,
             }
             if result.edit_seconds:
                 record["seconds"] = result.edit_seconds[i]
@@ -407,32 +569,64 @@ def evaluate(
     return rows, records
 
 
+def load_data(spec: str) -> list[EditCase]:
+    """The cases ``--data`` names: ``builtin[:split]`` (the built-in facts, test split by
+    default) or a JSON/JSONL file in any layout :func:`remedi.data.load_cases` reads."""
+    name, _, split = spec.partition(":")
+    if name == "builtin":
+        if split and split not in SPLITS:
+            raise UsageError(f"--data {spec}: the built-in splits are {', '.join(SPLITS)}")
+        return load_builtin(split or "test")
+    try:
+        return load_cases(spec)
+    except (OSError, ValueError) as err:
+        raise UsageError(file_error("--data", spec, err)) from err
+
+
+def took_line(method: str, records: Sequence[dict[str, Any]], shown: int = 10) -> str:
+    """``METHOD: K/N edits took (ES x)``, naming the cases whose edit did not take."""
+    mine = [r for r in records if r["method"] == method]
+    failed = [str(r["case_id"]) for r in mine if not r["took"]]
+    line = f"{method}: {len(mine) - len(failed)}/{len(mine)} edits took"
+    line += f" (ES {(len(mine) - len(failed)) / len(mine):.2f})" if mine else ""
+    if failed:
+        more = f" and {len(failed) - shown} more" if len(failed) > shown else ""
+        cases = "case" if len(failed) == 1 else "cases"
+        line += f"; not taken: {cases} {', '.join(failed[:shown])}{more}"
+    return line
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code (2 for a usage error)."""
+    quiet_warnings()
     release_freed_memory()
     args = build_parser().parse_args(argv)
     methods = list(dict.fromkeys(args.method))
     problem = _check_args(args)
     if problem:
-        return _fail(problem)
+        return fail(problem)
     try:
-        cases = load_cases(args.data)
-    except (OSError, ValueError) as err:
-        return _fail(f"--data: {err}")
+        cases = load_data(args.data)
+    except UsageError as err:
+        return fail(err)
     missing = [c.case_id for c in cases if c.target_new is None]
     if missing:
-        return _fail(f"--data: case {missing[0]} has no target_new")
+        return fail(
+            f"--data {args.data}: case {missing[0]} has no target_new (known-facts records "
+            "state a fact but request no edit)"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     from remedi.models import load_model
 
     try:
         lm = load_model(args.model, dtype=args.dtype, device=args.device)
-    except (OSError, ValueError) as err:
-        return _fail(f"--model: {err}")
+    except MODEL_LOAD_ERRORS as err:
+        return fail(f"--model {args.model}: {one_line(err)}")
     for name, layers in (("--layer", [args.layer]), ("--memit-layers", args.memit_layers or [])):
         bad = [x for x in layers if x is not None and not 0 <= x < lm.arch.num_layers]
         if bad:
-            return _fail(f"{name} {bad[0]} is out of range (0..{lm.arch.num_layers - 1})")
+            return fail(f"{name} {bad[0]} is out of range (0..{lm.arch.num_layers - 1})")
     trained: dict[str, Any] = {}
     if args.checkpoints:
         from lightning_modules import load_trained
@@ -440,29 +634,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         for method, path in args.checkpoints.items():
             try:
                 trained[method] = load_trained(method, path, lm, args.dtype)
-            except ValueError as err:
-                return _fail(str(err))
+            except (OSError, ValueError) as err:
+                return fail(file_error("--checkpoint", path, err))
     if args.known_only:
         cases = [cases[i] for i in known_cases(lm, cases, args.batch_size)]
     if args.limit is not None:
         cases = cases[: args.limit]
     if not cases:
-        return _fail(f"--data: no cases left to evaluate in {args.data}")
+        return fail(f"--data: no cases left to evaluate in {args.data}")
     samples: dict[str, list[list[str]]] = {}
     rows, records = evaluate(lm, methods, cases, args, samples, trained)
-    write_text(args.output / "cases.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    if args.generation:
+    write_outputs(args.output, rows, records, cases, samples if args.generation else None)
+    print(markdown_table(rows), end="")
+    for method in methods:
+        print(took_line(method, records))
+    written = ["summary.json", "summary.md", "cases.jsonl", "chart.png"]
+    written += ["generations.jsonl"] if args.generation else []
+    print(f"wrote {args.output / written[0]}, {', '.join(written[1:])}")
+    return 0
+
+
+def write_outputs(
+    output: Path,
+    rows: Sequence[dict[str, Any]],
+    records: Sequence[dict[str, Any]],
+    cases: Sequence[EditCase],
+    samples: dict[str, list[list[str]]] | None = None,
+) -> None:
+    """Write the table (JSON, Markdown, bar chart), the per-case records and, when given, the
+    generation samples into ``output``, each file atomically."""
+    from remedi.methods import figures
+
+    write_text(output / "cases.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    if samples is not None:
         lines = [
             json.dumps({"method": method, "case_id": case.case_id, "samples": texts}) + "\n"
             for method, per_case in samples.items()
             for case, texts in zip(cases, per_case, strict=True)
         ]
-        write_text(args.output / "generations.jsonl", "".join(lines))
-    summary: Any = rows[0] if len(rows) == 1 else rows
-    write_text(args.output / "summary.json", json.dumps(summary, indent=2) + "\n")
-    write_text(args.output / "summary.md", markdown_table(rows))
-    print(markdown_table(rows), end="")
-    return 0
+        write_text(output / "generations.jsonl", "".join(lines))
+    summary: Any = rows[0] if len(rows) == 1 else list(rows)
+    write_text(output / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_text(output / "summary.md", markdown_table(rows))
+    figures.save_figure(figures.summary_bars(rows), output / "chart.png")
 
 
 if __name__ == "__main__":

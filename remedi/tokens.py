@@ -9,6 +9,7 @@ so the model sees exactly the tokens it would see in running text. Padding is ha
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -308,26 +309,41 @@ def score_continuations(model: nn.Module, batch: ContinuationBatch) -> Continuat
     return ContinuationScores(token_lp, batch.target_mask)
 
 
+def cache_kwargs(model: nn.Module, cache: Any) -> dict[str, Any]:
+    """The keyword that hands a key/value cache to ``model``'s forward: ``cache`` where
+    transformers has it (5.2x renamed ``past_key_values``, which now warns on every call), else
+    ``past_key_values``."""
+    forward = type(model).forward
+    name = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+    return {name: cache}
+
+
+def returned_cache(output: Any) -> Any:
+    """The key/value cache a forward pass returned (``cache``; before 5.2x ``past_key_values``)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 def next_token_logits(
     model: nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     positions: torch.Tensor | None = None,
-    past_key_values: Any = None,
+    cache: Any = None,
 ) -> torch.Tensor:
     """Logits ``[batch, vocab]`` at one position per row (default: the last column).
 
     Runs the model's base transformer and applies the unembedding to those positions only, as a
     plain 2-D matrix product; this is several times faster on CPU than ``logits_to_keep`` for
     large vocabularies and keeps gradients. Final-logit soft-capping (Gemma 2) is applied.
-    ``past_key_values`` continues a prompt whose earlier tokens are cached (and is extended).
+    ``cache`` continues a prompt whose earlier tokens are cached (and is extended).
     """
     body: nn.Module = model.base_model  # type: ignore[assignment]
     out = body(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        past_key_values=past_key_values,
-        use_cache=past_key_values is not None,
+        use_cache=cache is not None,
+        **cache_kwargs(body, cache),
     )
     hidden = out.last_hidden_state
     if positions is None:
@@ -341,7 +357,7 @@ def prefix_cache(model: nn.Module, prefix: torch.Tensor) -> Any:
     """Key/value cache of running ``prefix`` (``[rows, n]``), to continue it without recomputing."""
     body: nn.Module = model.base_model  # type: ignore[assignment]
     with torch.no_grad():
-        return body(input_ids=prefix, use_cache=True).past_key_values
+        return returned_cache(body(input_ids=prefix, use_cache=True))
 
 
 def repeat_cache(cache: Any, repeats: int) -> Any:

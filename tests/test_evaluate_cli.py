@@ -11,8 +11,9 @@ from conftest import COUNTERFACT_RECORDS as RECORDS
 from conftest import tiny_model
 
 from remedi import evaluate
-from remedi.data import load_cases, parse_records
-from remedi.methods import registry
+from remedi.cli import UsageError
+from remedi.data import load_builtin, load_cases, parse_records
+from remedi.methods import figures, registry
 
 
 @pytest.fixture
@@ -81,7 +82,7 @@ def test_model_is_restored_bitwise_after_every_method(method: str, setup: dict[s
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--method", "rome"], "needs --corpus"),
+        (["--method", "rome", "--corpus", "no-such-corpus"], "--corpus: not found"),
         (["--method", "none", "--limit", "0"], "--limit must be positive"),
         (["--method", "remedi"], "needs --checkpoint"),
         (["--method", "rome", "--no-stats", "--layer", "5"], "--layer 5 is out of range"),
@@ -133,3 +134,161 @@ def test_unedited_scoring_in_groups_matches_one_call(
     known = evaluate.known_cases(lm, cases, batch_size=4)
     expected = [i for i, m in enumerate(grouped) if m["efficacy_score"] == 0.0]
     assert known == expected
+
+
+def _errors(stderr: str) -> list[str]:
+    """The lines of ``stderr`` that are not progress bars: none but ``error:`` lines expected."""
+    lines = stderr.replace("\r", "\n").splitlines()
+    return [line for line in lines if line.strip() and "it/s]" not in line]
+
+
+def test_builtin_facts_need_no_data_file(
+    setup: dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
+    args = ["--model", str(setup["model"]), "--data", "builtin", "--output", str(setup["out"])]
+    assert evaluate.main([*args, "--method", "none", "--method", "prefix", "--limit", "3"]) == 0
+    records = [json.loads(line) for line in (setup["out"] / "cases.jsonl").read_text().splitlines()]
+    assert [r["case_id"] for r in records[:3]] == [c.case_id for c in load_builtin("test")[:3]]
+    assert all(r["took"] is (r["efficacy_score"] == 1.0) for r in records)
+    out = capsys.readouterr().out.splitlines()
+    summary = json.loads((setup["out"] / "summary.json").read_text())
+    for method, row in zip(["none", "prefix"], summary, strict=True):
+        took = sum(r["took"] for r in records if r["method"] == method)
+        line = f"{method}: {took}/3 edits took (ES {row['efficacy_score']:.2f})"
+        assert any(printed.startswith(line) for printed in out)
+    assert out[-1] == f"wrote {setup['out'] / 'summary.json'}, summary.md, cases.jsonl, chart.png"
+    assert (setup["out"] / "chart.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_data_names_a_builtin_split() -> None:
+    assert [c.case_id for c in evaluate.load_data("builtin:validation")] == [
+        c.case_id for c in load_builtin("validation")
+    ]
+    assert len(evaluate.load_data("builtin")) == len(load_builtin("test"))
+    with pytest.raises(UsageError, match="the built-in splits are train, validation, test"):
+        evaluate.load_data("builtin:dev")
+
+
+def test_took_line_names_the_cases_that_did_not_take() -> None:
+    records = [{"method": "rome", "case_id": i, "took": i not in (3, 5)} for i in range(10)]
+    records.append({"method": "none", "case_id": 0, "took": False})
+    line = evaluate.took_line("rome", records)
+    assert line == "rome: 8/10 edits took (ES 0.80); not taken: cases 3, 5"
+    assert evaluate.took_line("rome", records, shown=1).endswith("not taken: cases 3 and 1 more")
+    line = evaluate.took_line("none", records)
+    assert line == "none: 0/1 edits took (ES 0.00); not taken: case 0"
+
+
+def test_chart_has_one_bar_group_per_method(tmp_path: Path) -> None:
+    rows = [
+        {"method": m, "model": "tiny", "n_cases": 2, "efficacy_score": es, "score": 0.5}
+        for m, es in (("none", 0.0), ("rome", 1.0), ("memit", 0.5))
+    ]
+    fig = figures.summary_bars(rows)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["none", "rome", "memit"]
+    assert len(ax.containers) == len(figures.SUMMARY_BARS)
+    assert all(len(bars) == 3 for bars in ax.containers)
+    assert [b.get_height() for b in ax.containers[0]] == [0.0, 1.0, 0.5]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ES", "PS", "NS", "Score"]
+    path = figures.save_figure(fig, tmp_path / "chart.png")
+    assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_help_documents_inputs_outputs_and_defaults(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as done:
+        evaluate.main(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: python -m remedi.evaluate")
+    assert "python -m remedi.evaluate --method none --method prefix --data builtin" in text
+    assert "repeat the flag" in text and "requested_rewrite" in text and "known_id" in text
+    for name in ("summary.json", "summary.md", "cases.jsonl", "chart.png"):
+        assert name in text
+    assert "(default: gemma3-270m)" in text and "(default: 32)" in text
+    assert "(default: 0.0005)" in text
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (["--device", "tpu"], "--device 'tpu'"),
+        (["--device", "cuda:7"], "--device 'cuda:7'"),
+        (["--model", "no/such/thing"], "--model 'no/such/thing' is neither"),
+        (["--output", "FILE"], "exists and is not a directory"),
+        (["--threads", "0"], "--threads must be positive, got 0"),
+        (["--n-context", "99"], "--n-context must be in 0.."),
+        (["--data", "builtin:dev"], "--data builtin:dev: the built-in splits are"),
+        (["--data", "BAD_JSON"], "is not valid JSON"),
+        (["--data", "NO_SUBJECT"], "case 7: subject: is empty"),
+        (["--data", "ODD_LAYOUT"], "unrecognised record layout"),
+        (["--data", "KNOWN"], "case 3 has no target_new"),
+        (["--checkpoint", "NOT_ZIP"], "not a PyTorch checkpoint"),
+    ],
+)
+def test_usage_errors_exit_2_in_one_line_before_loading(
+    setup: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    change: list[str],
+    message: str,
+) -> None:
+    def no_load(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr("remedi.models.load_model", no_load)
+    no_subject = {**RECORDS[0], "requested_rewrite": {**RECORDS[0]["requested_rewrite"]}}
+    no_subject["requested_rewrite"]["subject"] = ""
+    known = {"known_id": 3, "subject": "Toyota", "attribute": "Japan", "prompt": "Toyota is in"}
+    files = {
+        "FILE": b"not a directory",
+        "BAD_JSON": b'[{"case_id": 1,',
+        "NO_SUBJECT": json.dumps([no_subject]).encode(),
+        "ODD_LAYOUT": json.dumps([{"question": "Who makes Corolla?"}]).encode(),
+        "KNOWN": json.dumps([known]).encode(),
+        "NOT_ZIP": b"not a checkpoint",
+    }
+    flag, value = change
+    if value in files:
+        path = setup["out"].parent / f"{value.lower()}.json"
+        path.write_bytes(files[value])
+        value = str(path)
+    args = _args(setup, "--method", "mend" if flag == "--checkpoint" else "none")
+    if flag in args:
+        args[args.index(flag) + 1] = value
+    else:
+        args += [flag, value]
+    assert evaluate.main(args) == 2
+    errors = _errors(capsys.readouterr().err)
+    assert len(errors) == 1 and errors[0].startswith("error: ") and message in errors[0]
+    if flag in ("--data", "--checkpoint"):
+        assert value in errors[0]
+
+
+def test_a_checkpoint_without_an_editor_is_one_line(
+    setup: dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
+    checkpoint = setup["out"].parent / "editor.ckpt"
+    torch.save({"state_dict": {}}, checkpoint)
+    args = _args(setup, "--method", "remedi", "--checkpoint", str(checkpoint))
+    assert evaluate.main(args) == 2
+    errors = _errors(capsys.readouterr().err)
+    assert len(errors) == 1 and errors[0].startswith(f"error: checkpoint {checkpoint}: ")
+    assert not setup["out"].exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("model.safetensors", "garbage", "Error while deserializing header"),
+        ("config.json", "{bad", "is not a valid JSON file"),
+    ],
+)
+def test_a_corrupt_model_is_one_line(
+    setup: dict[str, Path], capsys: pytest.CaptureFixture, name: str, content: str, message: str
+) -> None:
+    (setup["model"] / name).write_text(content)
+    assert evaluate.main(_args(setup, "--method", "none")) == 2
+    errors = _errors(capsys.readouterr().err)
+    assert len(errors) == 1 and errors[0].startswith(f"error: --model {setup['model']}: ")
+    assert message in errors[0] and not setup["out"].exists()

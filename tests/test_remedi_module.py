@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,12 @@ def test_test_and_resume_use_the_best_validation_weights(tiny: LoadedModel, tmp_
     trainer = _trainer(tmp_path / "r", max_epochs=3, limit_val_batches=None)
     trainer.fit(resumed, _data(tmp_path), ckpt_path=str(tmp_path / "last.ckpt"))
     assert resumed.best_val_loss <= module.best_val_loss
+
+
+def test_fit_does_not_warn_about_batch_transfer(tiny: LoadedModel, tmp_path: Path) -> None:
+    """The datamodule, not the module, says that batches stay where they are (Lightning warns
+    when a module overrides the hook but a datamodule is given)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(tmp_path, max_steps=1).fit(_module(tiny), _data(tmp_path))
+    assert not [w for w in caught if "transfer_batch_to_device" in str(w.message)]

@@ -89,3 +89,64 @@ def test_corpus_identity_follows_contents_not_location(tmp_path) -> None:
     assert corpus_identity(a) == corpus_identity(b)
     (b / "text.txt").write_text("one line\nchanged line\n")
     assert corpus_identity(a) != corpus_identity(b)
+
+
+def test_short_corpus_warns_and_is_cached_under_what_it_holds(
+    corpus: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A corpus that runs out warns with both numbers, is cached under the tokens it holds, and
+    the next request for the same (larger) number reads that cache instead of running again."""
+    lm = tiny_model("gpt2")
+    with caplog.at_level("WARNING", logger="remedi.methods.second_moment"):
+        first = second_moment.collect(lm, [0], corpus, n_tokens=100_000, progress=False)
+    held = first[0].n_tokens
+    assert 0 < held < 100_000 and first[0].exhausted
+    assert f"hold {held} tokens where 100000 were asked for" in caplog.text
+    cached = sorted(p.name for p in (Path(second_moment.cache_dir()) / "stats").iterdir())
+    assert len(cached) == 1 and cached[0].endswith(f"-{held}.pt")
+    monkeypatch.setattr(lm.model, "forward", lambda *a, **k: pytest.fail("ran the model"))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="remedi.methods.second_moment"):
+        again = second_moment.collect(lm, [0], corpus, n_tokens=100_000, progress=False)
+    assert again[0].from_cache and again[0].n_tokens == held
+    assert "where 100000 were asked for" in caplog.text
+
+
+def test_sampled_source_is_text_sampled_from_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``sampled`` statistics come from text the model samples, generated once, reproducibly,
+    and kept as a JSONL corpus in the cache."""
+    monkeypatch.setenv("REMEDI_CACHE", str(tmp_path))
+    lm = tiny_model("llama")
+    stats = second_moment.collect(lm, [1], "sampled", n_tokens=300, chunk_len=32, progress=False)
+    assert stats[1].n_tokens == 300 and not stats[1].exhausted
+    (sampled,) = (tmp_path / "corpora").iterdir()
+    text = sampled.read_text()
+    assert sampled.suffix == ".jsonl" and text.count("\n") >= 300 // second_moment.SAMPLE_LENGTH
+    sampled.unlink()
+    assert second_moment.sampled_corpus(lm, 300, progress=False).read_text() == text
+
+
+def test_jsonl_corpus_reads_the_text_field(tmp_path: Path) -> None:
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"text": "first line\\nstill first"}\n\n{"text": "second"}\n')
+    assert list(second_moment._documents(path)) == ["first line\nstill first", "second"]
+    path.write_text('{"body": "no text"}\n')
+    with pytest.raises(ValueError, match="line 1 is not a JSON object with 'text'"):
+        list(second_moment._documents(path))
+
+
+def test_default_source_is_the_python_documentation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a corpus the statistics come from the Python documentation every Python ships:
+    enough text for the default 100,000 tokens, read without a model pass or a download."""
+    monkeypatch.setenv("REMEDI_CACHE", str(tmp_path))
+    lm = tiny_model("gpt2")
+    docs = second_moment.python_docs()
+    assert sum(len(lm.tokenizer(d)["input_ids"]) for d in docs) > second_moment.DEFAULT_TOKENS
+    stats = second_moment.collect(lm, [0], None, n_tokens=500, chunk_len=64, progress=False)
+    named = second_moment.collect(lm, [0], "python-docs", n_tokens=500, chunk_len=64)
+    assert named[0].from_cache and torch.equal(stats[0].matrix, named[0].matrix)
+    assert "Python documentation" in second_moment.source_line(stats, None)

@@ -21,8 +21,12 @@ from contextlib import contextmanager
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from remedi.data import EditCase
 from remedi.metrics import summarize
@@ -165,8 +169,11 @@ class EditorBaseline(_StageCallback):
 
 
 class CausalTraceCallback(_StageCallback):
-    """Causal-trace the rewrite prompts of the first ``limit`` evaluation cases and log the
-    heatmaps as TensorBoard images (and each trace's peak indirect effect as a metric).
+    """Causal-trace the rewrite prompts of the first ``limit`` evaluation cases and log each
+    heatmap as a TensorBoard image ``trace/<kind>/case<case_id>`` (and each trace's peak indirect
+    effect as the metric ``trace/<kind>_peak_effect``). The images need a
+    :class:`~lightning.pytorch.loggers.TensorBoardLogger` among the Trainer's loggers
+    (``remedi.train``'s default); without one only the metrics are logged.
 
     Args:
         limit: how many cases to trace (a full trace of one prompt is minutes on a CPU).
@@ -199,11 +206,11 @@ class CausalTraceCallback(_StageCallback):
         cases: Sequence[EditCase],
         stage: Stage,
     ) -> None:
-        import matplotlib.pyplot as plt
-
         from remedi.methods import causal_trace, figures
 
-        experiment = getattr(trainer.logger, "experiment", None)
+        writer = tensorboard_writer(trainer)
+        if writer is None:
+            log.warning("CausalTraceCallback: no TensorBoard logger; logging peak effects only")
         for case in cases:
             with torch.no_grad():
                 result = causal_trace.trace(
@@ -218,8 +225,29 @@ class CausalTraceCallback(_StageCallback):
                 token, layer = result.peak(kind)
                 peak = float(result.indirect_effect(kind)[token, layer])
                 pl_module.log(f"trace/{kind}_peak_effect", peak, rank_zero_only=True)
-                if hasattr(experiment, "add_figure"):
-                    fig = figures.trace_heatmap(result, kind)
-                    tag = f"trace/{stage}/case_{case.case_id}/{kind}"
-                    experiment.add_figure(tag, fig, global_step=trainer.global_step)  # type: ignore[union-attr]
-                    plt.close(fig)
+                if writer is not None:
+                    image = figure_pixels(figures.trace_heatmap(result, kind))
+                    writer.add_image(
+                        f"trace/{kind}/case{case.case_id}",
+                        image,
+                        global_step=trainer.global_step,
+                        dataformats="HWC",
+                    )
+        if writer is not None:
+            writer.flush()
+
+
+def tensorboard_writer(trainer: L.Trainer) -> Any | None:
+    """The ``SummaryWriter`` of the Trainer's first TensorBoard logger, or None."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    return None
+
+
+def figure_pixels(fig: Figure) -> np.ndarray:
+    """``fig`` rendered by matplotlib's Agg canvas as an RGB ``(height, width, 3)`` uint8 array
+    (no pyplot, no display needed)."""
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()

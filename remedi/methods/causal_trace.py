@@ -174,7 +174,7 @@ def _restore_chunk(
     own = repeat_cache(cache, n_jobs) if cache is not None else None
     edits[EMBEDDINGS] = corrupt_subject(span, noise, offset)
     with intervene(lm.arch, edit=edits):
-        logits = next_token_logits(lm.model, ids, past_key_values=own)
+        logits = next_token_logits(lm.model, ids, cache=own)
     probs = torch.softmax(logits.float(), dim=-1)[:, target_id]
     return probs.view(samples, n_jobs).mean(0).cpu()
 

@@ -1,10 +1,13 @@
-"""Matplotlib figures of the locators (causal-trace heatmaps, knowledge-neuron summaries),
-written atomically to a path the caller chose. Uses the object API (no pyplot global state)."""
+"""Matplotlib figures of the locators (causal-trace heatmaps, knowledge-neuron summaries) and of
+evaluation tables, written atomically to a path the caller chose. Uses the object API (no pyplot
+global state)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from matplotlib.figure import Figure
@@ -90,4 +93,36 @@ def intervention_bars(changes: Mapping[str, Mapping[str, float]]) -> Figure:
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_ylabel("mean relative change of p(answer), %")
     ax.legend()
+    return fig
+
+
+SUMMARY_BARS = {
+    "efficacy_score": "ES",
+    "paraphrase_score": "PS",
+    "neighborhood_score": "NS",
+    "score": "Score",
+}
+"""The summary-table columns :func:`summary_bars` draws, with their short names."""
+
+
+def summary_bars(rows: Sequence[Mapping[str, Any]]) -> Figure:
+    """Grouped bars of an evaluation table: one group per method (in ``rows`` order), one bar per
+    score in :data:`SUMMARY_BARS`; a missing score leaves a gap rather than a misleading zero."""
+    methods = [str(row["method"]) for row in rows]
+    width = 0.8 / len(SUMMARY_BARS)
+    fig = Figure(figsize=(max(4.0, 1.2 * len(methods) + 1.5), 3.5))
+    ax = fig.add_subplot()
+    for j, (column, label) in enumerate(SUMMARY_BARS.items()):
+        values = [math.nan if row.get(column) is None else float(row[column]) for row in rows]
+        bars = ax.bar([i + j * width for i in range(len(methods))], values, width, label=label)
+        labels = ["" if math.isnan(v) else f"{v:.2f}" for v in values]
+        ax.bar_label(bars, labels=labels, fontsize=7, padding=1)
+    ax.set_xticks([i + width * (len(SUMMARY_BARS) - 1) / 2 for i in range(len(methods))], methods)
+    ax.set_ylim(0.0, 1.1)
+    ax.set_ylabel("score")
+    models = sorted({str(row["model"]) for row in rows if row.get("model")})
+    cases = sorted({int(row["n_cases"]) for row in rows if row.get("n_cases") is not None})
+    details = ", ".join([*models, *(f"{n} cases" for n in cases)])
+    ax.set_title(f"CounterFact scores per method ({details})" if details else "Scores per method")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig

@@ -81,7 +81,7 @@ def _last_token_logits(lm: LoadedModel, ids: torch.Tensor, cache: Any, rows: int
     if cache is None:
         return next_token_logits(lm.model, ids.expand(rows, -1))
     last = ids[:, -1:].expand(rows, -1)
-    return next_token_logits(lm.model, last, past_key_values=repeat_cache(cache, rows))
+    return next_token_logits(lm.model, last, cache=repeat_cache(cache, rows))
 
 
 def attribute(

