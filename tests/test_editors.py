@@ -129,8 +129,8 @@ def test_loss_terms_gradients_and_batch_average(lm: LoadedModel) -> None:
     mean_kl = sum(float(s["kl"].detach()) for s in singles) / len(singles)
     assert float(terms["kl"].detach()) == pytest.approx(mean_kl, rel=1e-4)
     assert float(terms["kl"].detach()) > 0
-    mean_m = sum(float(s["mediated"]) for s in singles) / len(singles)
-    assert float(terms["mediated"]) == pytest.approx(mean_m, rel=1e-4)
+    mean_m = sum(float(s["mediated"].detach()) for s in singles) / len(singles)
+    assert float(terms["mediated"].detach()) == pytest.approx(mean_m, rel=1e-4)
 
 
 def test_null_editor_loss_matches_model_scores(lm: LoadedModel) -> None:
