@@ -5,12 +5,14 @@ the filter for third-party warnings that are noise to a user."""
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import sys
 import warnings
 import zipfile
 from pathlib import Path
+from typing import Any, NoReturn
 
 import torch
 from safetensors import SafetensorError
@@ -39,6 +41,20 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         if action.required or action.default is None or action.nargs == 0:
             return action.help
         return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse`` with its errors in one line (``error: ... (see PROG --help)``) instead of
+    the usage block, and no abbreviated flags (a typo is an error, not a guess)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(USAGE_ERROR)
 
 
 def check_model_spec(spec: str, flag: str = "--model") -> None:
@@ -128,7 +144,7 @@ def check_positive(value: float | None, flag: str) -> None:
 
 
 def quiet_warnings() -> None:
-    """Silence third-party warnings that say nothing a remedi user can act on."""
+    """Silence third-party warnings and notices that say nothing a remedi user can act on."""
     for message in (
         r".*past_key_values.*",  # transformers' cache-format deprecation, raised inside generate
         r".*LeafSpec.*",  # torch.utils._pytree deprecation, raised inside Lightning
@@ -136,3 +152,13 @@ def quiet_warnings() -> None:
         r"The dirpath has changed from",  # Lightning, testing a checkpoint from another folder
     ):
         warnings.filterwarnings("ignore", message=message)
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropAdverts) for f in rank_zero.filters):
+        rank_zero.addFilter(_DropAdverts())
+
+
+class _DropAdverts(logging.Filter):
+    """Drops Lightning's "💡 Tip: ... try installing litlogger/litmodels" lines on every run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")

@@ -31,7 +31,7 @@ from remedi.allocator import release_freed_memory
 from remedi.atomic import atomic_dir
 from remedi.cli import (
     MODEL_LOAD_ERRORS,
-    HelpFormatter,
+    ArgumentParser,
     UsageError,
     check_checkpoint_file,
     check_device,
@@ -85,11 +85,10 @@ request, the predictions before and after, and "took").
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m remedi.edit`` (also documents the request format)."""
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m remedi.edit",
         description=__doc__.split("\n")[0],
         epilog=EPILOG,
-        formatter_class=HelpFormatter,
     )
     p.add_argument("method", choices=METHODS, help="the editing method")
     p.add_argument(

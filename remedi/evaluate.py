@@ -39,7 +39,7 @@ from remedi.allocator import release_freed_memory
 from remedi.atomic import write_text
 from remedi.cli import (
     MODEL_LOAD_ERRORS,
-    HelpFormatter,
+    ArgumentParser,
     UsageError,
     check_checkpoint_file,
     check_device,
@@ -125,11 +125,10 @@ outputs in --output (each written atomically; earlier files of the same name are
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m remedi.evaluate`` (also documents inputs and outputs)."""
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m remedi.evaluate",
         description=__doc__.split("\n")[0],
         epilog=EPILOG,
-        formatter_class=HelpFormatter,
     )
     p.add_argument(
         "--method",

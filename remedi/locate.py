@@ -27,6 +27,7 @@ from remedi.allocator import release_freed_memory
 from remedi.atomic import write_json
 from remedi.cli import (
     MODEL_LOAD_ERRORS,
+    ArgumentParser,
     HelpFormatter,
     UsageError,
     check_device,
@@ -78,15 +79,14 @@ python -m remedi.locate trace --help and python -m remedi.locate kn --help list 
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m remedi.locate",
         description="Locate a fact inside a causal LM: causal tracing (trace) or knowledge neurons "
         "(kn).",
         epilog=EPILOG,
-        formatter_class=HelpFormatter,
     )
     sub = parser.add_subparsers(dest="method", required=True, metavar="{trace,kn}")
-    common = argparse.ArgumentParser(add_help=False)
+    common = ArgumentParser(add_help=False)
     common.add_argument(
         "--model",
         default=DEFAULT_MODEL,

@@ -600,7 +600,7 @@ def run(args: list[str] | None = None) -> RemediCLI:
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
         parser_class=TrainArgumentParser,
-        parser_kwargs={"prog": PROG, "description": DESCRIPTION},
+        parser_kwargs={"prog": PROG, "description": DESCRIPTION, "allow_abbrev": False},
     )
 
 
