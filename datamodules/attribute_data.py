@@ -132,22 +132,65 @@ class BiasInBiosDataModule(ExampleDataModule):
         return examples
 
 
-def feature_text(feature: str) -> tuple[str, str]:
-    """McRae feature label -> (relation head, object), e.g. ``has_wings`` -> (has, wings),
-    ``a_bird`` -> (is a, bird), ``used_for_flying`` -> (is used for, flying)."""
-    text = re.sub(r"^(beh|inbeh)_-_", "", feature).replace("_", " ").strip()
-    for head, out in (
-        ("a ", "is a"),
-        ("an ", "is an"),
-        ("used for ", "is used for"),
-        ("made of ", "is made of"),
-        ("found in ", "is found in"),
-        ("found on ", "is found on"),
-    ):
-        if text.startswith(head):
-            return out, text[len(head) :]
-    head, _, rest = text.partition(" ")
-    return (head, rest) if rest else ("is", text)
+_FEATURE_PREFIXES = (
+    ("beh_-_", ""),
+    ("inbeh_-_", ""),
+    ("eg_-_", "has kinds such as "),
+    ("eg_", "has kinds such as "),
+)
+"""McRae's feature-label prefixes that are markup rather than words, and what replaces them:
+``beh_-_``/``inbeh_-_`` mark (in)animate behaviours (``beh_-_flies`` -> "flies"); ``eg_-_``
+marks an example kind (``eg_-_cowboy`` -> "has kinds such as cowboy")."""
+
+_NEEDS_COPULA = (
+    "a ",
+    "an ",
+    "associated ",
+    "bought ",
+    "clothing",
+    "dropped ",
+    "eaten ",
+    "found ",
+    "furniture",
+    "herded ",
+    "hunted ",
+    "killed ",
+    "king ",
+    "launched ",
+    "like ",
+    "made ",
+    "owned ",
+    "part ",
+    "used ",
+    "worn",
+)
+"""Feature texts that are a noun or participle phrase and need "is" before them (``a_fruit`` ->
+"is a fruit", ``used_for_cutting`` -> "is used for cutting", ``worn_by_men`` -> "is worn by
+men"); the others start with a verb (has, lives, grows, requires, tastes, ...)."""
+
+
+def feature_phrase(feature: str) -> str:
+    """A McRae feature label as the predicate of a sentence about a concept, its markup cleaned:
+    ``has_wings`` -> "has wings", ``a_fruit`` -> "is a fruit", ``beh_-_flies`` -> "flies",
+    ``eg_-_cowboy`` -> "has kinds such as cowboy", ``has_units_-_cm`` -> "has units such as cm",
+    ``is_furry/fuzzy`` -> "is furry or fuzzy", ``eaten_as_prunes_(dried)`` -> "is eaten as
+    prunes", ``different_colours`` -> "comes in different colours", ``symbol_of_peace`` -> "is a
+    symbol of peace"."""
+    text = feature
+    for prefix, replacement in _FEATURE_PREFIXES:
+        if text.startswith(prefix):
+            text = replacement + text[len(prefix) :]
+            break
+    text = text.replace("_-_", " such as ")
+    text = re.sub(r"_?\([^)]*\)", "", text)
+    text = " ".join(text.replace("_", " ").replace("/", " or ").split())
+    if text.startswith("different "):
+        return f"comes in {text}"
+    if text.startswith("symbol"):
+        return f"is a {text}"
+    if text.startswith(_NEEDS_COPULA):
+        return f"is {text}"
+    return text
 
 
 def concept_text(concept: str) -> str:
@@ -155,24 +198,72 @@ def concept_text(concept: str) -> str:
     return re.sub(r"_?\(.*\)$", "", concept).replace("_", " ").strip()
 
 
+def indefinite(noun: str) -> str:
+    """``noun`` with "a" or "an" before it (by its first letter: a heuristic)."""
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
+
+
+def co_probabilities(
+    features_of: dict[str, set[str]], min_co_concepts: int = 2
+) -> dict[tuple[str, str], float]:
+    """P(prompt feature | context feature) over concepts, for every ordered pair of distinct
+    features that co-occur on at least ``min_co_concepts`` concepts: the share of the concepts
+    with the first feature that also have the second (REMEDI's co-occurrence probability)."""
+    concepts_with: dict[str, int] = {}
+    together: dict[tuple[str, str], int] = {}
+    for feats in features_of.values():
+        for a in feats:
+            concepts_with[a] = concepts_with.get(a, 0) + 1
+            for b in feats:
+                if a != b:
+                    together[a, b] = together.get((a, b), 0) + 1
+    return {
+        pair: count / concepts_with[pair[0]]
+        for pair, count in together.items()
+        if count >= min_co_concepts
+    }
+
+
 class McRaeDataModule(ExampleDataModule):
     """McRae feature norms (``CONCS_FEATS_concstats_brm.txt``, tab-separated, with ``Concept``
-    and ``Feature`` columns).
+    and ``Feature`` columns), as REMEDI's entailment task.
 
-    Example (ours): a feature of one concept stated of another concept that lacks it (seeded
-    choice): context "{concept} {head} {object}", prompt "{concept} {head}", target the object.
+    An example pairs a *context* feature with a *different* *prompt* feature that co-occurs with
+    it (P(prompt feature | context feature) >= ``min_co_prob`` over McRae's concepts, the pair
+    seen on at least ``min_co_concepts`` concepts), stated of a concept that has neither: context
+    "A {concept} {context feature}.", prompt "A {concept} {prompt feature without its last
+    word}", target the prompt feature's last word (REMEDI's split). The editor must infer the
+    prompt feature from the context's, not copy it: pairs whose target word occurs in the context
+    feature are skipped. There is no unmediated target (the concept has no answer of its own).
+    Each concept gets up to ``examples_per_concept`` pairs (seeded choice). Feature labels are
+    cleaned by :func:`feature_phrase`; ``case_id`` is ``"concept|context feature|prompt
+    feature"``.
     """
 
-    def __init__(self, path: str, examples_per_concept: int = 2, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        path: str,
+        examples_per_concept: int = 2,
+        min_co_prob: float = 0.1,
+        min_co_concepts: int = 2,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         if not Path(path).is_file():
             raise FileNotFoundError(f"path: no such file: {path}")
         if examples_per_concept <= 0:
             raise ValueError(f"examples_per_concept must be positive, got {examples_per_concept}")
+        if not 0 < min_co_prob <= 1:
+            raise ValueError(f"min_co_prob must be in (0, 1], got {min_co_prob}")
+        if min_co_concepts < 1:
+            raise ValueError(f"min_co_concepts must be at least 1, got {min_co_concepts}")
         self.path = path
         self.examples_per_concept = examples_per_concept
+        self.min_co_prob = min_co_prob
+        self.min_co_concepts = min_co_concepts
 
-    def read_examples(self) -> list[RemediExample]:
+    def read_features(self) -> dict[str, set[str]]:
+        """Concept -> its feature labels, from the file."""
         features: dict[str, set[str]] = {}
         with open(self.path, newline="", encoding="utf-8", errors="replace") as f:
             reader = csv.DictReader(f, delimiter="\t")
@@ -181,21 +272,38 @@ class McRaeDataModule(ExampleDataModule):
                 raise ValueError(f"{self.path}: missing column(s) {', '.join(sorted(missing))}")
             for row in reader:
                 features.setdefault(row["Concept"], set()).add(row["Feature"])
+        return features
+
+    def read_examples(self) -> list[RemediExample]:
+        features = self.read_features()
+        co_prob = co_probabilities(features, self.min_co_concepts)
+        phrases = {f: feature_phrase(f) for feats in features.values() for f in feats}
+        pairs = []
+        for (context, prompt), p in sorted(co_prob.items()):
+            words = phrases[prompt].split()
+            if p < self.min_co_prob or len(words) < 1:
+                continue
+            if words[-1].lower() in phrases[context].lower().split():
+                continue
+            pairs.append((context, prompt))
         rng = random.Random(self.seed)
-        pool = sorted({feat for feats in features.values() for feat in feats})
         examples = []
         for concept in sorted(features):
+            own = features[concept]
+            eligible = [(c, q) for c, q in pairs if c not in own and q not in own]
             entity = concept_text(concept)
-            foreign = [feat for feat in pool if feat not in features[concept]]
-            for feat in rng.sample(foreign, min(self.examples_per_concept, len(foreign))):
-                head, obj = feature_text(feat)
+            subject = indefinite(entity)
+            for context, prompt in rng.sample(
+                eligible, min(self.examples_per_concept, len(eligible))
+            ):
+                *head, target = phrases[prompt].split()
                 examples.append(
                     RemediExample(
                         entity=entity,
-                        context=f"{entity} {head} {obj}",
-                        prompt=f"{entity} {head}",
-                        target_mediated=obj,
-                        case_id=f"{concept}:{feat}",
+                        context=f"{subject[0].upper()}{subject[1:]} {phrases[context]}.",
+                        prompt=" ".join([f"{subject[0].upper()}{subject[1:]}", *head]),
+                        target_mediated=target,
+                        case_id=f"{concept}|{context}|{prompt}",
                     )
                 )
         return examples

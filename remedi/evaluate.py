@@ -16,7 +16,15 @@ Writes ``summary.json`` (one flat object; a list of them for several methods), `
 edit), ``summary.md`` and ``chart.png`` (ES, PS, NS and Score per method), atomically, and prints
 ``METHOD: K/N edits took`` per method. With ``--generation`` each case's generation prompts are
 also sampled under the method's edit of that case, adding generation entropy and reference score
-(see :mod:`remedi.metrics.generation`) to the rows and the samples to ``generations.jsonl``.
+(see :mod:`remedi.metrics.generation`) to the rows and the samples to ``generations.jsonl``; each
+sample is 100 tokens long in all, prompt included (ROME's protocol; ``--generation-length new``
+samples 100 new tokens instead).
+
+zsRE data (MEND's zsRE layout, or a flattened file whose locality prompts are Natural Questions
+with their own answers) is scored with zsRE's metrics instead (:mod:`remedi.metrics.zsre`): the
+table's columns are efficacy_accuracy, paraphrase_accuracy and specificity_accuracy (teacher-forced
+top-1 token accuracy; specificity on the edited model, as ROME and MEMIT report it), and an edit
+"took" when every token of target_new is the top-1 prediction after the rewrite prompt.
 """
 
 from __future__ import annotations
@@ -54,13 +62,16 @@ from remedi.cli import (
 from remedi.data import SPLITS, EditCase, load_builtin, load_cases
 from remedi.methods.registry import MethodResult, prefix_case, score_method
 from remedi.metrics import (
+    GENERATION_LENGTHS,
     GENERATION_METRIC_NAMES,
     METRIC_NAMES,
+    ZSRE_METRIC_NAMES,
     GenerationEdit,
     case_rows,
     case_samples,
     evaluate_cases,
     generation_metrics,
+    metric_names,
     row_probabilities,
     summarize_generation,
 )
@@ -110,15 +121,19 @@ of these layouts, told apart by the first record's keys:
      "loc": ..., "loc_ans": ...}
   ROME's known facts: {"known_id": ..., "subject": ..., "attribute": ..., "prompt": ...}
     (no target_new: nothing to edit, so evaluate rejects them)
-A prompt holds "{}" where the subject goes, or the subject itself.
+A prompt holds "{}" where the subject goes, or the subject itself. zsRE files (MEND's zsRE
+layout; a flattened file whose locality prompts have answers of their own) get zsRE's metrics.
 
 outputs in --output (each written atomically; earlier files of the same name are replaced):
   summary.json  one object per method (a flat object for one method): method, model, n_cases,
                 efficacy/paraphrase/neighborhood score and magnitude, score, seconds_per_edit
+                (zsRE: efficacy_accuracy, paraphrase_accuracy, specificity_accuracy instead of
+                the scores and magnitudes)
   summary.md    the same as a Markdown table (also printed)
   cases.jsonl   one object per method and case: its metrics and "took" (P(target_new) >
-                P(target_true) on the rewrite prompt under the edit)
-  chart.png     grouped bars of ES, PS, NS and Score per method
+                P(target_true) on the rewrite prompt under the edit; zsRE: every token of
+                target_new is the top-1 prediction there)
+  chart.png     grouped bars of ES, PS, NS and Score per method (zsRE: the three accuracies)
   generations.jsonl  with --generation: the sampled texts per method and case
 """
 
@@ -263,7 +278,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="also sample the generation prompts under each edit and score them (generation "
         "entropy, reference score); writes generations.jsonl",
     )
-    p.add_argument("--generation-tokens", type=int, default=100, help="new tokens per sample")
+    p.add_argument(
+        "--generation-tokens",
+        type=int,
+        default=100,
+        help="tokens per sample: in all, prompt included (--generation-length total), or new",
+    )
+    p.add_argument(
+        "--generation-length",
+        default="total",
+        choices=GENERATION_LENGTHS,
+        help="total: each sample, prompt included, is --generation-tokens long (ROME's protocol); "
+        "new: --generation-tokens new tokens after each prompt",
+    )
     return p
 
 
@@ -430,6 +457,7 @@ class Runner:
                     seed=i,
                     edit=edit_for(i) if edit_for is not None else None,
                     context=context if method == "prefix" else "",
+                    length=getattr(self.args, "generation_length", "total"),
                 )
                 progress.update()
             if progress.n == len(cases):
@@ -496,21 +524,29 @@ def rome_hparams(args: argparse.Namespace) -> Any:
 
 
 def summary_row(
-    result: MethodResult, model: str, n_cases: int, summary: dict[str, float]
+    result: MethodResult,
+    model: str,
+    n_cases: int,
+    summary: dict[str, float],
+    names: Sequence[str] = METRIC_NAMES,
 ) -> dict[str, Any]:
+    """One table row: the method, its metrics ``names`` (the benchmark's columns) and timing."""
     seconds = result.edit_seconds
     return {
         "method": result.method,
         "model": model,
         "n_cases": n_cases,
-        **{name: summary.get(name) for name in METRIC_NAMES},
+        **{name: summary.get(name) for name in names},
         "seconds_per_edit": statistics.median(seconds) if seconds else 0.0,
         "seconds_per_edit_mean": statistics.fmean(seconds) if seconds else 0.0,
     }
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    columns = ["method", "n_cases", *METRIC_NAMES, "seconds_per_edit"]
+    """The summary rows as a Markdown table (zsRE columns for a zsRE table)."""
+    zsre = any(name in row for row in rows for name in ZSRE_METRIC_NAMES)
+    columns = ["method", "n_cases", *(ZSRE_METRIC_NAMES if zsre else METRIC_NAMES)]
+    columns.append("seconds_per_edit")
     columns += [name for name in GENERATION_METRIC_NAMES if any(name in row for row in rows)]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
@@ -541,9 +577,12 @@ def evaluate(
     runner = Runner(lm, args, trained)
     rows: list[dict[str, Any]] = []
     records: list[dict[str, Any]] = []
+    zsre = any(case.benchmark == "zsre" for case in cases)
+    names = metric_names("zsre" if zsre else "counterfact")
     for method in methods:
         result = runner.run(method, cases)
-        rows.append(summary_row(result, lm.spec, len(cases), summarize(result.per_case)))
+        summary = summarize(result.per_case)
+        rows.append(summary_row(result, lm.spec, len(cases), summary, names))
         if args.generation:
             texts = runner.samples
             if samples is not None:
@@ -560,7 +599,7 @@ def evaluate(
                 "target_true": case.target_true,
                 "target_new": case.target_new,
                 **metrics,
-                "took": metrics["efficacy_score"] > 0,
+                "took": took(metrics),
             }
             if result.edit_seconds:
                 record["seconds"] = result.edit_seconds[i]
@@ -582,12 +621,25 @@ def load_data(spec: str) -> list[EditCase]:
         raise UsageError(file_error("--data", spec, err)) from err
 
 
+def took(metrics: dict[str, float]) -> bool:
+    """Whether a case's edit took: P(target_new) > P(target_true) on the rewrite prompt
+    (CounterFact), or every token of target_new is the top-1 prediction there (zsRE)."""
+    if "efficacy_accuracy" in metrics:
+        return metrics["efficacy_accuracy"] == 1.0
+    return metrics["efficacy_score"] > 0
+
+
 def took_line(method: str, records: Sequence[dict[str, Any]], shown: int = 10) -> str:
-    """``METHOD: K/N edits took (ES x)``, naming the cases whose edit did not take."""
+    """``METHOD: K/N edits took (ES x)``, naming the cases whose edit did not take (zsRE:
+    ``efficacy accuracy x`` instead of ES)."""
     mine = [r for r in records if r["method"] == method]
     failed = [str(r["case_id"]) for r in mine if not r["took"]]
     line = f"{method}: {len(mine) - len(failed)}/{len(mine)} edits took"
-    line += f" (ES {(len(mine) - len(failed)) / len(mine):.2f})" if mine else ""
+    accuracies = [r["efficacy_accuracy"] for r in mine if "efficacy_accuracy" in r]
+    if accuracies:
+        line += f" (efficacy accuracy {sum(accuracies) / len(accuracies):.2f})"
+    elif mine:
+        line += f" (ES {(len(mine) - len(failed)) / len(mine):.2f})"
     if failed:
         more = f" and {len(failed) - shown} more" if len(failed) > shown else ""
         cases = "case" if len(failed) == 1 else "cases"

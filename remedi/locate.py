@@ -49,10 +49,16 @@ example:
   python -m remedi.locate trace --prompt "Toyota is headquartered in" --subject Toyota \\
       --output runs/trace
 
+  python -m remedi.locate trace --prompt "{} is headquartered in" --subject Toyota \
+      --output runs/trace
+
 Corrupts the subject's embeddings with noise, then restores one hidden state (or a window of MLP
-or attention outputs) at a time and records P(target). Writes OUTPUT/trace.json (tokens,
-subject_range, target, clean_prob, corrupted_prob, scores {kind: [tokens][layers]}) and one
-heatmap OUTPUT/trace_KIND.png per --kinds entry.
+or attention outputs) at a time and records P(target). The noise level is fixed per model:
+--noise-scale (3) x the standard deviation of the embeddings of the built-in facts' subjects, the
+same for every prompt (ROME's protocol: one level per dataset); --noise sets an absolute level.
+A --prompt with "{}" is a template: the subject is put, and located, there. Writes
+OUTPUT/trace.json (tokens, subject_range, target, clean_prob, corrupted_prob, noise_std, scores
+{kind: [tokens][layers]}) and one heatmap OUTPUT/trace_KIND.png per --kinds entry.
 """
 
 KN_EPILOG = """\
@@ -111,7 +117,11 @@ def _parser() -> argparse.ArgumentParser:
         epilog=TRACE_EPILOG,
         formatter_class=HelpFormatter,
     )
-    tr.add_argument("--prompt", required=True, help="the prompt whose next token is traced")
+    tr.add_argument(
+        "--prompt",
+        required=True,
+        help='the prompt whose next token is traced; with "{}", a template for the subject',
+    )
     tr.add_argument(
         "--target", default=None, help="trace this answer; None: the model's top-1 next token"
     )
@@ -120,7 +130,14 @@ def _parser() -> argparse.ArgumentParser:
         "--noise-scale",
         type=float,
         default=3.0,
-        help="noise std as a multiple of the subject embeddings' std",
+        help="noise std as a multiple of the std of the built-in facts' subject embeddings "
+        "(one level per model, the same for every prompt)",
+    )
+    tr.add_argument(
+        "--noise",
+        type=float,
+        default=None,
+        help="absolute noise std, instead of --noise-scale; None: use --noise-scale",
     )
     tr.add_argument(
         "--window", type=int, default=10, help="consecutive layers restored together for mlp/attn"
@@ -179,12 +196,15 @@ def _check(args: argparse.Namespace) -> None:
     for prompt in prompts:
         if not prompt.strip():
             raise UsageError("--prompt is empty")
-        if args.subject not in prompt:
+        template = args.method == "trace" and "{}" in prompt
+        if template and prompt.count("{}") != 1:
+            raise UsageError(f"--prompt {prompt!r} must hold one '{{}}' for the subject")
+        if not template and args.subject not in prompt:
             raise UsageError(f"--subject {args.subject!r} does not occur in --prompt {prompt!r}")
     if args.target is not None and not args.target.strip():
         raise UsageError("--target is empty")
     if args.method == "trace":
-        for flag in ("--samples", "--window", "--batch-size", "--noise-scale"):
+        for flag in ("--samples", "--window", "--batch-size", "--noise-scale", "--noise"):
             check_positive(getattr(args, flag.removeprefix("--").replace("-", "_")), flag)
     else:
         check_positive(args.steps, "--steps")
@@ -196,16 +216,22 @@ def _check(args: argparse.Namespace) -> None:
 def _run_trace(lm: LoadedModel, args: argparse.Namespace) -> tuple[str, list[Path]]:
     """Trace, write the JSON and heatmaps; return a line saying what was found, and the files."""
     from remedi.methods import causal_trace, figures
+    from remedi.tokens import fill_template
 
     start = time.perf_counter()
+    prompt, subject_start = args.prompt, None
+    if "{}" in prompt:
+        prompt, subject_start = fill_template(prompt, args.subject)
     result = causal_trace.trace(
         lm,
-        args.prompt,
+        prompt,
         args.subject,
         args.target,
+        subject_start=subject_start,
         kinds=args.kinds,
         samples=args.samples,
         noise_scale=args.noise_scale,
+        noise_std=args.noise,
         window=args.window,
         batch_size=args.batch_size,
         seed=args.seed,
@@ -214,7 +240,7 @@ def _run_trace(lm: LoadedModel, args: argparse.Namespace) -> tuple[str, list[Pat
     data = result.to_json()
     data["seconds"] = time.perf_counter() - start
     data["model"] = lm.spec
-    data["prompt"] = args.prompt
+    data["prompt"] = prompt
     data["subject"] = args.subject
     written = [args.output / "trace.json"]
     write_json(written[0], data)

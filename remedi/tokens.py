@@ -2,8 +2,17 @@
 log-probabilities of target continuations.
 
 Subject spans come from the tokenizer's character offsets, never from string search on decoded
-tokens. Targets are scored as continuations ``" " + target`` tokenised jointly with the prompt,
-so the model sees exactly the tokens it would see in running text. Padding is handled here once.
+tokens. A subject filled into a template is located where the template's ``{}`` is
+(:func:`fill_template` gives its character offset); only prompts written out in full (paraphrases,
+generation prompts) fall back to the subject's first occurrence. Targets are scored as
+continuations ``" " + target`` tokenised jointly with the prompt, so the model sees exactly the
+tokens it would see in running text. Padding is handled here once.
+
+"First-token" scoring uses the first target token that carries the target's text
+(:meth:`ContinuationBatch.first_target_ids`): tokenizers such as Gemma's split ``" 1889"`` into
+``'▁', '1', '8', '8', '9'``, and the bare ``'▁'`` is the same token for every number, so scoring
+it would make different answers collide. That token is predicted from the prompt followed by the
+target's leading text-less tokens (:func:`first_text_token`).
 """
 
 from __future__ import annotations
@@ -52,6 +61,29 @@ def char_span(text: str, substring: str, field: str = "subject") -> tuple[int, i
     if start < 0:
         raise ValueError(f"{field} {substring!r} does not occur in prompt {text!r}")
     return start, start + len(substring)
+
+
+def subject_char_span(text: str, subject: str, start: int | None = None) -> tuple[int, int]:
+    """Character span of ``subject`` in ``text``: at ``start`` when given (where a template's
+    ``{}`` was, see :func:`fill_template`), else its first occurrence. The subject-span helper
+    every caller uses, so that a subject whose text also occurs earlier in the prompt is still
+    found where it was put."""
+    if start is None:
+        return char_span(text, subject)
+    if not subject:
+        raise ValueError("subject is empty")
+    if text[start : start + len(subject)] != subject:
+        raise ValueError(f"subject {subject!r} is not at character {start} of prompt {text!r}")
+    return start, start + len(subject)
+
+
+def fill_template(template: str, subject: str) -> tuple[str, int]:
+    """``(prompt, start)``: ``template`` with its one ``{}`` replaced by ``subject``, and the
+    character offset where the subject now starts."""
+    if template.count("{}") != 1:
+        raise ValueError(f"template {template!r} must contain exactly one '{{}}'")
+    start = template.index("{}")
+    return template[:start] + subject + template[start + 2 :], start
 
 
 def token_span(offsets: Sequence[tuple[int, int]], start: int, end: int) -> TokenSpan:
@@ -107,21 +139,32 @@ class PromptBatch:
         return torch.tensor([s.last for s in self.subject_spans], device=self.input_ids.device)
 
 
+def _starts(subject_starts: Sequence[int | None] | None, n: int) -> Sequence[int | None]:
+    if subject_starts is None:
+        return [None] * n
+    if len(subject_starts) != n:
+        raise ValueError(f"{n} subjects but {len(subject_starts)} subject starts")
+    return subject_starts
+
+
 def encode_prompts(
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     subjects: Sequence[str],
     padding_side: PaddingSide = "right",
+    subject_starts: Sequence[int | None] | None = None,
 ) -> PromptBatch:
-    """Tokenise prompts and locate each row's subject (first occurrence) by character offsets."""
+    """Tokenise prompts and locate each row's subject by character offsets: at
+    ``subject_starts[i]`` when given (see :func:`subject_char_span`), else its first occurrence."""
     if len(prompts) != len(subjects):
         raise ValueError(f"{len(prompts)} prompts but {len(subjects)} subjects")
+    starts = _starts(subject_starts, len(subjects))
     rows: list[list[int]] = []
     spans: list[TokenSpan] = []
-    for prompt, subject in zip(prompts, subjects, strict=True):
+    for prompt, subject, start in zip(prompts, subjects, starts, strict=True):
         ids, offsets = _encode(tokenizer, prompt)
         rows.append(ids)
-        spans.append(token_span(offsets, *char_span(prompt, subject)))
+        spans.append(token_span(offsets, *subject_char_span(prompt, subject, start)))
     input_ids, mask, shifts = _pad(rows, tokenizer.pad_token_id, padding_side)
     return PromptBatch(
         input_ids=input_ids,
@@ -137,6 +180,8 @@ class ContinuationBatch:
 
     ``prompt_lengths[i]`` tokens of row ``i`` are prompt; the next ``target_lengths[i]`` are
     the target, whose ids are also in ``target_ids`` (padded with 0, see ``target_mask``).
+    ``first_text[i]`` is the index (within the target) of the first target token that carries
+    the target's text; the tokens before it are bare spaces (Gemma's ``'▁'`` before a digit).
     """
 
     input_ids: torch.Tensor
@@ -146,6 +191,7 @@ class ContinuationBatch:
     target_ids: torch.Tensor
     target_mask: torch.Tensor
     subject_spans: list[TokenSpan] | None = None
+    first_text: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> ContinuationBatch:
         return ContinuationBatch(
@@ -156,6 +202,7 @@ class ContinuationBatch:
             self.target_ids.to(device),
             self.target_mask.to(device),
             self.subject_spans,
+            None if self.first_text is None else self.first_text.to(device),
         )
 
     @property
@@ -168,36 +215,70 @@ class ContinuationBatch:
         positions = self.prompt_lengths[:, None] - 1 + steps[None, :]
         return torch.minimum(positions, torch.tensor(self.input_ids.shape[1] - 1))
 
+    def first_text_index(self) -> torch.Tensor:
+        """``[batch]`` index within each target of its first token that carries text."""
+        if self.first_text is None:
+            return torch.zeros_like(self.prompt_lengths)
+        return self.first_text
+
+    def first_target_ids(self) -> torch.Tensor:
+        """``[batch]`` id of each target's first token that carries text: the token that
+        "first-token" scoring, training and attribution use."""
+        index = self.first_text_index()
+        return self.target_ids.gather(1, index[:, None])[:, 0]
+
+    def first_target_positions(self) -> torch.Tensor:
+        """``[batch]`` positions whose logits predict :meth:`first_target_ids`: the last prompt
+        token, or the last of the target's leading bare tokens."""
+        return self.last_prompt_index + self.first_text_index()
+
+
+def _encode_with_specials(
+    tokenizer: PreTrainedTokenizerBase, text: str
+) -> tuple[list[int], list[tuple[int, int]], list[int]]:
+    enc = tokenizer(text, return_offsets_mapping=True, return_special_tokens_mask=True)
+    offsets = [(int(s), int(e)) for s, e in enc["offset_mapping"]]
+    return list(enc["input_ids"]), offsets, [int(m) for m in enc["special_tokens_mask"]]
+
 
 def encode_continuations(
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     targets: Sequence[str],
     subjects: Sequence[str] | None = None,
+    subject_starts: Sequence[int | None] | None = None,
 ) -> ContinuationBatch:
-    """Tokenise ``prompt + " " + target`` jointly; target tokens are those starting at or after
-    the end of the prompt. With ``subjects``, also locate each subject in its prompt."""
+    """Tokenise ``prompt + " " + target`` jointly; target tokens are the non-special tokens that
+    start at or after the end of the prompt (a bare space token included, even one whose offsets
+    a tokenizer trims to zero width). With ``subjects``, also locate each subject in its prompt
+    (at ``subject_starts[i]`` when given, see :func:`subject_char_span`)."""
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    starts = _starts(subject_starts, len(prompts))
     rows: list[list[int]] = []
     prompt_lens: list[int] = []
     target_lens: list[int] = []
+    first_text: list[int] = []
     spans: list[TokenSpan] = []
     for i, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
         if not target.strip():
             raise ValueError(f"target is empty for prompt {prompt!r}")
-        ids, offsets = _encode(tokenizer, f"{prompt} {target.strip()}")
-        real = [j for j, (s, e) in enumerate(offsets) if e > s]
-        after = [j for j in real if offsets[j][0] >= len(prompt)]
+        text = f"{prompt} {target.strip()}"
+        ids, offsets, special = _encode_with_specials(tokenizer, text)
+        plain = [j for j in range(len(ids)) if not special[j]]
+        after = [j for j in plain if offsets[j][0] >= len(prompt)]
         if not after:
             raise ValueError(f"target {target!r} produced no tokens after prompt {prompt!r}")
         n_prompt = after[0]
-        ids, offsets = ids[: real[-1] + 1], offsets[: real[-1] + 1]  # drop trailing specials
+        ids, offsets = ids[: plain[-1] + 1], offsets[: plain[-1] + 1]  # drop trailing specials
+        carries = [j for j in after if text[offsets[j][0] : offsets[j][1]].strip()]
         rows.append(ids)
         prompt_lens.append(n_prompt)
         target_lens.append(len(ids) - n_prompt)
+        first_text.append(carries[0] - n_prompt if carries else 0)
         if subjects is not None:
-            spans.append(token_span(offsets[:n_prompt], *char_span(prompt, subjects[i])))
+            span = subject_char_span(prompt, subjects[i], starts[i])
+            spans.append(token_span(offsets[:n_prompt], *span))
     input_ids, mask, _ = _pad(rows, tokenizer.pad_token_id, "right")
     target_ids = torch.zeros((len(rows), max(target_lens)), dtype=torch.long)
     target_mask = torch.zeros_like(target_ids, dtype=torch.bool)
@@ -212,15 +293,34 @@ def encode_continuations(
         target_ids=target_ids,
         target_mask=target_mask,
         subject_spans=spans if subjects is not None else None,
+        first_text=torch.tensor(first_text),
     )
+
+
+def first_text_token(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, target: str
+) -> tuple[torch.Tensor, int]:
+    """``(context ids [1, n], token id)``: the first token of ``" " + target`` that carries its
+    text, and the ids it is predicted from (the prompt as tokenised jointly with the target,
+    followed by the target's leading bare tokens, if any). Knowledge-neuron attribution and
+    causal tracing of a given answer use it."""
+    batch = encode_continuations(tokenizer, [prompt], [target])
+    end = int(batch.first_target_positions()[0]) + 1
+    return batch.input_ids[:, :end], int(batch.first_target_ids()[0])
 
 
 @dataclass
 class ContinuationScores:
-    """Log-probabilities of each target token (0 where padded) and their summaries per row."""
+    """Log-probabilities of each target token (0 where padded) and their summaries per row.
+
+    ``top1`` (when computed) says whether each target token is the model's most probable next
+    token there (teacher forcing); ``first_text`` is :meth:`ContinuationBatch.first_text_index`.
+    """
 
     token_logprobs: torch.Tensor
     mask: torch.Tensor
+    top1: torch.Tensor | None = None
+    first_text: torch.Tensor | None = None
 
     @property
     def sum(self) -> torch.Tensor:
@@ -232,12 +332,26 @@ class ContinuationScores:
 
     @property
     def first(self) -> torch.Tensor:
-        return self.token_logprobs[:, 0]
+        """Log-probability of each target's first token that carries text (given the bare
+        tokens before it, if any)."""
+        if self.first_text is None:
+            return self.token_logprobs[:, 0]
+        index = self.first_text.to(self.token_logprobs.device)
+        return self.token_logprobs.gather(1, index[:, None])[:, 0]
 
     @property
     def mean_prob(self) -> torch.Tensor:
         """``exp(mean token log-prob)``: the CounterFact probability of a continuation."""
         return self.mean.exp()
+
+    @property
+    def token_accuracy(self) -> torch.Tensor:
+        """Per row, the share of target tokens that are the top-1 prediction under teacher
+        forcing (the zsRE accuracy of ROME, MEMIT and MEND)."""
+        if self.top1 is None:
+            raise ValueError("these scores were computed without top-1 predictions")
+        hits = (self.top1 & self.mask).float().sum(-1)
+        return hits / self.mask.float().sum(-1)
 
 
 def final_hidden(
@@ -272,7 +386,9 @@ def _at_targets(states: torch.Tensor, batch: ContinuationBatch) -> torch.Tensor:
 def _scores(target_logits: torch.Tensor, batch: ContinuationBatch) -> ContinuationScores:
     logprobs = torch.log_softmax(target_logits.float(), dim=-1)
     token_lp = logprobs.gather(-1, batch.target_ids[..., None]).squeeze(-1)
-    return ContinuationScores(token_lp * batch.target_mask, batch.target_mask)
+    top1 = (logprobs.argmax(-1) == batch.target_ids) & batch.target_mask
+    mask = batch.target_mask
+    return ContinuationScores(token_lp * mask, mask, top1, batch.first_text)
 
 
 def continuation_logprobs(logits: torch.Tensor, batch: ContinuationBatch) -> ContinuationScores:
@@ -292,21 +408,26 @@ SCORE_CHUNK = 64
 
 def score_continuations(model: nn.Module, batch: ContinuationBatch) -> ContinuationScores:
     """Run ``model`` once on ``batch`` and score its targets, unembedding only the positions
-    that predict real (unpadded) target tokens, :data:`SCORE_CHUNK` at a time."""
+    that predict real (unpadded) target tokens, :data:`SCORE_CHUNK` at a time. Also records
+    whether each target token is the top-1 prediction (``top1``)."""
     device = next(model.parameters()).device
     batch = batch.to(device)
     hidden = final_hidden(model, batch.input_ids, batch.attention_mask)
     rows, cols = batch.target_mask.nonzero(as_tuple=True)
     states = hidden[rows, batch.target_positions()[rows, cols]]
     ids = batch.target_ids[rows, cols]
-    values = []
+    values, hits = [], []
     for start in range(0, len(ids), SCORE_CHUNK):
         logits = unembed(model, states[start : start + SCORE_CHUNK]).float()
-        values.append(token_logprobs(logits, ids[start : start + SCORE_CHUNK]))
+        chunk_ids = ids[start : start + SCORE_CHUNK]
+        values.append(token_logprobs(logits, chunk_ids))
+        hits.append(logits.argmax(-1) == chunk_ids)
     token_lp = torch.zeros(batch.target_mask.shape, device=device, dtype=torch.float32)
+    top1 = torch.zeros(batch.target_mask.shape, device=device, dtype=torch.bool)
     if values:
         token_lp = token_lp.index_put((rows, cols), torch.cat(values))
-    return ContinuationScores(token_lp, batch.target_mask)
+        top1 = top1.index_put((rows, cols), torch.cat(hits))
+    return ContinuationScores(token_lp, batch.target_mask, top1, batch.first_text)
 
 
 def cache_kwargs(model: nn.Module, cache: Any) -> dict[str, Any]:
@@ -386,6 +507,39 @@ def top_token(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str)
     return top_prediction(model, tokenizer, prompt)[0]
 
 
+def generate_new_tokens(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    batch: PromptBatch,
+    max_new_tokens: int,
+    **generate_kwargs: object,
+) -> torch.Tensor:
+    """The ids ``[rows, new]`` that ``model.generate`` appends to each (left-padded) prompt of
+    ``batch``."""
+    out = model.generate(  # type: ignore[operator]
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        **generate_kwargs,
+    )
+    return out[:, batch.input_ids.shape[1] :]
+
+
+def decode_rows(
+    tokenizer: PreTrainedTokenizerBase, ids: torch.Tensor, keep: Sequence[int] | None = None
+) -> list[str]:
+    """Each row of ``ids`` decoded without special tokens; with ``keep``, only the first
+    ``keep[i]`` ids of row ``i``."""
+    if keep is None:
+        rows = list(ids)
+    else:
+        if len(keep) != len(ids):
+            raise ValueError(f"{len(ids)} rows but {len(keep)} counts to keep")
+        rows = [row[:n] for row, n in zip(ids, keep, strict=True)]
+    return [str(t) for t in tokenizer.batch_decode(rows, skip_special_tokens=True)]
+
+
 def generate_continuations(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -395,12 +549,5 @@ def generate_continuations(
 ) -> list[str]:
     """The decoded new tokens ``model.generate`` appends to each (left-padded) prompt of
     ``batch``."""
-    out = model.generate(  # type: ignore[operator]
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        **generate_kwargs,
-    )
-    new_tokens = out[:, batch.input_ids.shape[1] :]
-    return [str(t) for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    ids = generate_new_tokens(model, tokenizer, batch, max_new_tokens, **generate_kwargs)
+    return decode_rows(tokenizer, ids)

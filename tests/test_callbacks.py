@@ -15,6 +15,8 @@ from test_datamodules import write_rome
 from datamodules import CounterFactDataModule
 from lightning_modules import RemediModule, register_model
 from lightning_modules.callbacks import CausalTraceCallback, EditorBaseline
+from remedi.methods.registry import score_method
+from remedi.metrics import summarize
 
 
 def _fit(tmp_path: Path, callbacks: list[L.Callback], inference_mode: bool) -> L.Trainer:
@@ -46,6 +48,8 @@ def _fit(tmp_path: Path, callbacks: list[L.Callback], inference_mode: bool) -> L
 
 @pytest.mark.parametrize("inference_mode", [True, False])
 def test_rome_and_ft_baselines_log_metrics(tmp_path: Path, inference_mode: bool) -> None:
+    """Each baseline logs exactly what the shared registry computes for the module's first
+    validation cases (the LM restored in between), and the editing baselines log an edit."""
     callbacks = [
         EditorBaseline(method="rome", limit=2, layer=1),
         EditorBaseline(method="ft-l", limit=1, layer=1),
@@ -53,11 +57,25 @@ def test_rome_and_ft_baselines_log_metrics(tmp_path: Path, inference_mode: bool)
     ]
     trainer = _fit(tmp_path, callbacks, inference_mode)
     metrics = trainer.callback_metrics
-    for name in ("rome", "ft-l", "none"):
-        assert 0.0 <= float(metrics[f"{name}/efficacy_score"]) <= 1.0
-        assert f"{name}/score" in metrics
-    assert "val/efficacy_score" in metrics
+    lm = trainer.lightning_module.lm  # type: ignore[attr-defined]
+    cases = trainer.datamodule.val_cases  # type: ignore[attr-defined]
+    expected = {
+        "rome": score_method(lm, "rome", cases[:2], layer=1, progress=False),
+        "ft-l": score_method(lm, "ft-l", cases[:1], layer=1, progress=False),
+        "none": score_method(lm, "none", cases[:2], progress=False),
+    }
+    for name, result in expected.items():
+        summary = summarize(result.per_case)
+        assert set(summary) <= {k.split("/", 1)[1] for k in metrics if k.startswith(f"{name}/")}
+        for metric, value in summary.items():
+            assert float(metrics[f"{name}/{metric}"]) == pytest.approx(value, abs=1e-5), metric
+    unedited = summarize(expected["none"].per_case[:1])["efficacy_magnitude"]
+    for name in ("rome", "ft-l"):
+        edited = summarize(expected[name].per_case[:1])["efficacy_magnitude"]
+        assert edited != pytest.approx(unedited, abs=1e-6)
     assert float(metrics["rome/seconds_per_edit"]) > 0
+    assert "none/seconds_per_edit" not in metrics
+    assert "val/efficacy_score" in metrics
 
 
 def test_causal_trace_logs_heatmaps_as_tensorboard_images(tmp_path: Path) -> None:
@@ -104,3 +122,30 @@ def test_bad_arguments() -> None:
         EditorBaseline(limit=0)
     with pytest.raises(ValueError, match=r"kinds \['resid'\]"):
         CausalTraceCallback(kinds=("resid",))
+
+
+def test_causal_trace_callback_uses_the_fixed_noise_and_the_template_slot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every case is traced at the model's fixed noise level (not its own subject's), with its
+    subject located where the template put it."""
+    from remedi.methods import causal_trace
+
+    traced: list[causal_trace.TraceResult] = []
+    real = causal_trace.trace
+
+    def recording(*args: object, **kwargs: object) -> causal_trace.TraceResult:
+        traced.append(real(*args, **kwargs))  # type: ignore[arg-type]
+        return traced[-1]
+
+    monkeypatch.setattr(causal_trace, "trace", recording)
+    trainer = _fit(tmp_path, [CausalTraceCallback(limit=2, kinds=("hidden",), samples=1)], True)
+    lm = trainer.lightning_module.lm  # type: ignore[attr-defined]
+    cases = trainer.datamodule.val_cases[:2]  # type: ignore[attr-defined]
+    assert len(traced) == 2
+    expected = causal_trace.default_noise_std(lm)
+    assert all(t.noise_std == pytest.approx(expected) for t in traced)
+    for case, result in zip(cases, traced, strict=True):
+        start = case.subject_start
+        offsets = lm.tokenizer(case.rewrite_prompt, return_offsets_mapping=True)["offset_mapping"]
+        assert offsets[result.subject_range[0]][1] > start >= offsets[result.subject_range[0]][0]

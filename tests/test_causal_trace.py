@@ -100,7 +100,7 @@ def test_target_layers_tokens_and_errors() -> None:
         lm, PROMPT, SUBJECT, "Paris", kinds=["mlp"], samples=2, layers=[1], tokens=[-1]
     )
     assert result.target_id == int(
-        ct.encode_continuations(lm.tokenizer, [PROMPT], ["Paris"]).target_ids[0, 0]
+        ct.encode_continuations(lm.tokenizer, [PROMPT], ["Paris"]).first_target_ids()[0]
     )
     assert list(result.scores) == ["mlp"]
     assert not math.isnan(result.scores["mlp"][-1, 1].item())
@@ -120,6 +120,53 @@ def test_noise_is_seeded_and_scaled() -> None:
     assert a.shape == (10, 2, 64) and 1.8 < float(a.std()) < 2.2
     lm = tiny_model("gpt2")
     assert ct.embedding_std(lm, [SUBJECT]) > 0
+
+
+def test_default_noise_is_fixed_per_model_not_per_prompt() -> None:
+    """3 x the std of the built-in facts' subject embeddings, whatever the traced subject."""
+    from remedi.data import load_builtin
+
+    lm = tiny_model("gpt2")
+    subjects = sorted({c.subject for c in load_builtin()})
+    expected = 3 * ct.embedding_std(lm, subjects)
+    assert ct.default_noise_std(lm) == pytest.approx(expected)
+    eiffel = ct.trace(lm, PROMPT, SUBJECT, kinds=["hidden"], samples=2, layers=[0], tokens=[-1])
+    toyota = ct.trace(
+        lm, "Toyota is located in", "Toyota", kinds=["hidden"], samples=2, layers=[0], tokens=[-1]
+    )
+    assert eiffel.noise_std == toyota.noise_std == pytest.approx(expected)
+    assert ct.embedding_std(lm, [SUBJECT]) != ct.embedding_std(lm, ["Toyota"])
+    half = ct.trace(lm, PROMPT, SUBJECT, samples=1, noise_scale=1.5, layers=[0], tokens=[-1])
+    assert half.noise_std == pytest.approx(expected / 2)
+    fixed = ct.trace(lm, PROMPT, SUBJECT, samples=1, noise_std=0.25, layers=[0], tokens=[-1])
+    assert fixed.noise_std == 0.25
+    other = tiny_model("gpt2", seed=1)
+    assert ct.default_noise_std(other) != ct.default_noise_std(lm)  # per model, not per spec
+
+
+def test_a_given_target_is_traced_at_its_first_text_token() -> None:
+    """Tracing " 1889" traces the digit "1" after the bare space, not the space itself."""
+    lm = tiny_model("llama")
+    prompt = "The Eiffel Tower was built in"
+    result = ct.trace(lm, prompt, SUBJECT, "1889", kinds=["hidden"], samples=2, layers=[0])
+    assert lm.tokenizer.convert_ids_to_tokens([result.target_id]) == ["1"]
+    n_prompt = len(lm.tokenizer(prompt)["input_ids"])
+    assert len(result.tokens) == n_prompt + 1 and result.tokens[-1].strip() == ""
+    ids = lm.tokenizer([prompt + " 1"], return_tensors="pt")["input_ids"][:, :-1]
+    with torch.no_grad():
+        clean = torch.softmax(lm.model(input_ids=ids).logits[0, -1], -1)[result.target_id]
+    assert result.clean_prob == pytest.approx(float(clean), rel=1e-4)
+
+
+def test_subject_is_traced_where_the_template_put_it() -> None:
+    lm = tiny_model("llama")
+    prompt = "Toyota fans say Toyota is based in"
+    first = ct.trace(lm, prompt, "Toyota", kinds=["hidden"], samples=1, layers=[0], tokens=[-1])
+    slot = ct.trace(
+        lm, prompt, "Toyota", subject_start=16, kinds=["hidden"], samples=1, layers=[0], tokens=[-1]
+    )
+    assert first.subject_range[0] <= 1 < slot.subject_range[0]
+    assert "".join(slot.tokens[slot.subject_range[0] : slot.subject_range[1]]).strip() == "Toyota"
 
 
 @pytest.mark.slow

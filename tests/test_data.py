@@ -104,6 +104,27 @@ def test_easyedit_and_zsre_layouts(tmp_path: Path) -> None:
     assert zsre.neighborhood_targets == ["Shakespeare"]
 
 
+def test_the_layout_chooses_the_benchmark(tmp_path: Path) -> None:
+    """zsRE files (MEND's zsRE layout, flattened files whose locality prompts carry answers of
+    their own) are scored as zsRE; CounterFact files, flattened or not, as CounterFact."""
+    (zsre,) = load_cases(_write(tmp_path, [ZSRE_RECORD], "z.json"))
+    (easy,) = load_cases(_write(tmp_path, {"records": [EASYEDIT_RECORD]}, "e.json"))
+    (tagged,) = load_cases(_write(tmp_path, [{**MEND_RECORD, "dataset": "zsre"}], "t.json"))
+    assert (zsre.benchmark, easy.benchmark, tagged.benchmark) == ("zsre", "zsre", "zsre")
+    (rome,) = load_cases(_write(tmp_path, [ROME_RECORD], "r.json"))
+    (mend,) = load_cases(_write(tmp_path, [MEND_RECORD], "m.json"))
+    assert (rome.benchmark, mend.benchmark) == ("counterfact", "counterfact")
+    mixed = [MEND_RECORD, {**MEND_RECORD, "locality_ground_truth": "Canada"}]
+    cases, report = read_cases(_write(tmp_path, mixed, "mixed.json"))
+    assert report.benchmark == "zsre" and {c.benchmark for c in cases} == {"zsre"}
+    assert all(c.benchmark == "counterfact" for c in load_builtin("test"))
+
+
+def test_subject_start_is_the_template_slot() -> None:
+    case = load_builtin("test")[0]
+    assert case.rewrite_prompt[case.subject_start :].startswith(case.subject)
+
+
 def test_known_facts_layout(tmp_path: Path) -> None:
     (case,) = load_cases(_write(tmp_path, [KNOWN_RECORD]))
     assert (case.case_id, case.prompt, case.target_true) == (1, "{} is owned by", "Apple")

@@ -15,7 +15,12 @@ from datamodules import (
     EpochShuffleSampler,
     McRaeDataModule,
 )
-from datamodules.attribute_data import concept_text, feature_text
+from datamodules.attribute_data import (
+    co_probabilities,
+    concept_text,
+    feature_phrase,
+    indefinite,
+)
 from remedi.data import load_builtin
 
 FACTS = [
@@ -192,19 +197,40 @@ def write_bios(path: Path) -> Path:
     return path
 
 
+MCRAE_ROWS = [
+    ("robin", "has_wings"),
+    ("robin", "has_feathers"),
+    ("robin", "beh_-_flies"),
+    ("sparrow", "has_wings"),
+    ("sparrow", "has_feathers"),
+    ("sparrow", "beh_-_flies"),
+    ("airplane", "has_wings"),
+    ("airplane", "used_for_transportation"),
+    ("airplane", "beh_-_flies"),
+    ("apple_(fruit)", "is_red"),
+    ("apple_(fruit)", "a_fruit"),
+    ("apple_(fruit)", "eg_-_granny_smith"),
+    ("cherry", "is_red"),
+    ("cherry", "a_fruit"),
+    ("knife", "made_of_metal"),
+    ("knife", "is_sharp"),
+    ("boots", "eg_-_cowboy"),
+    ("boots", "made_of_leather"),
+]
+"""A small McRae-like file (the real norms are not needed): wings, feathers and flying co-occur;
+so do red and fruit."""
+
+
+def _features() -> dict[str, set[str]]:
+    features: dict[str, set[str]] = {}
+    for concept, feature in MCRAE_ROWS:
+        features.setdefault(concept, set()).add(feature)
+    return features
+
+
 def write_mcrae(path: Path) -> Path:
     header = "Concept\tFeature\tWB_Label\tProd_Freq\n"
-    rows = [
-        ("airplane", "has_wings"),
-        ("airplane", "used_for_transportation"),
-        ("apple_(fruit)", "is_red"),
-        ("apple_(fruit)", "a_fruit"),
-        ("robin", "has_wings"),
-        ("robin", "beh_-_flies"),
-        ("knife", "made_of_metal"),
-        ("knife", "is_sharp"),
-    ]
-    path.write_text(header + "".join(f"{c}\t{f}\tx\t10\n" for c, f in rows))
+    path.write_text(header + "".join(f"{c}\t{f}\tx\t10\n" for c, f in MCRAE_ROWS))
     return path
 
 
@@ -223,21 +249,67 @@ def test_bias_in_bios_examples(tmp_path: Path) -> None:
         BiasInBiosDataModule(path=str(tmp_path / "none.pkl"))
 
 
-def test_mcrae_examples_state_a_foreign_feature(tmp_path: Path) -> None:
-    assert feature_text("has_wings") == ("has", "wings")
-    assert feature_text("a_fruit") == ("is a", "fruit")
-    assert feature_text("beh_-_flies") == ("is", "flies")
-    assert feature_text("used_for_transportation") == ("is used for", "transportation")
+def test_mcrae_feature_labels_are_cleaned() -> None:
+    assert feature_phrase("has_wings") == "has wings"
+    assert feature_phrase("a_fruit") == "is a fruit"
+    assert feature_phrase("beh_-_flies") == "flies"
+    assert feature_phrase("inbeh_-_floats") == "floats"
+    assert feature_phrase("eg_-_cowboy") == "has kinds such as cowboy"
+    assert feature_phrase("has_units_-_cm") == "has units such as cm"
+    assert feature_phrase("used_for_transportation") == "is used for transportation"
+    assert feature_phrase("made_of_metal") == "is made of metal"
+    assert feature_phrase("is_furry/fuzzy") == "is furry or fuzzy"
+    assert feature_phrase("eaten_as_prunes_(dried)") == "is eaten as prunes"
+    assert feature_phrase("different_colours") == "comes in different colours"
     assert concept_text("apple_(fruit)") == "apple"
-    dm = McRaeDataModule(path=str(write_mcrae(tmp_path / "mcrae.txt")), n_val=1, n_test=1)
-    dm.setup("fit")
-    examples = dm.train_examples + dm.val_examples
-    assert len(examples) == 4 * 2 - 1  # 4 concepts x 2 examples, less the 1 test example
+    assert indefinite("apple") == "an apple" and indefinite("robin") == "a robin"
+
+
+def test_mcrae_co_probabilities() -> None:
+    co = co_probabilities(_features(), min_co_concepts=1)
+    assert co["has_wings", "beh_-_flies"] == 1.0  # every winged concept flies
+    assert co["has_wings", "has_feathers"] == pytest.approx(2 / 3)
+    assert co["has_feathers", "has_wings"] == 1.0
+    assert ("has_wings", "is_red") not in co
+    assert ("a_fruit", "eg_-_granny_smith") in co
+    assert ("a_fruit", "eg_-_granny_smith") not in co_probabilities(_features())  # one concept
+
+
+def test_mcrae_examples_pair_a_context_feature_with_another_co_occurring_one(
+    tmp_path: Path,
+) -> None:
+    """REMEDI's task: the context states one feature, the prompt asks for a different feature
+    that co-occurs with it, of a concept that has neither; never the context's own words."""
+    path = str(write_mcrae(tmp_path / "mcrae.txt"))
+    dm = McRaeDataModule(path=path, examples_per_concept=3, n_val=1, n_test=1)
+    examples = dm.read_examples()
+    features, co = _features(), co_probabilities(_features())
+    assert len(examples) > len(features)
     for e in examples:
-        assert e.context == f"{e.prompt} {e.target_mediated}"
-        assert e.context.startswith(e.entity)
-    airplane = [e for e in examples if e.entity == "airplane"]
-    assert all("wings" not in e.context for e in airplane)
+        concept, context, prompt = str(e.case_id).split("|")
+        assert context != prompt and co[context, prompt] >= 0.1
+        assert context not in features[concept] and prompt not in features[concept]
+        article = indefinite(e.entity).capitalize()
+        assert e.entity == concept_text(concept)
+        assert e.context == f"{article} {feature_phrase(context)}."
+        assert f"{e.prompt} {e.target_mediated}" == f"{article} {feature_phrase(prompt)}"
+        assert e.target_mediated not in e.context.split()
+        assert e.target_unmediated is None
+        assert " - " not in e.context and "_" not in e.context + e.prompt
+    every = McRaeDataModule(path=path, examples_per_concept=100).read_examples()
+    knife = {tuple(str(e.case_id).split("|")[1:]) for e in every if e.entity == "knife"}
+    birds = ("has_wings", "has_feathers", "beh_-_flies")
+    assert knife == {(a, b) for a in birds for b in birds if a != b} | {
+        ("is_red", "a_fruit"),
+        ("a_fruit", "is_red"),
+    }
+    airplane = [e for e in every if e.entity == "airplane"]
+    assert sorted((e.context, e.prompt, e.target_mediated) for e in airplane) == [
+        ("An airplane is a fruit.", "An airplane is", "red"),
+        ("An airplane is red.", "An airplane is a", "fruit"),
+    ]
+    dm.setup("fit")
+    assert len(dm.train_examples) + len(dm.val_examples) == len(examples) - 1
     bad = tmp_path / "bad.txt"
     bad.write_text("Word\tThing\n")
     with pytest.raises(ValueError, match="Concept"):

@@ -13,6 +13,7 @@ from remedi.editors import (
     LossWeights,
     RemediExample,
     apply_direction,
+    apply_editor,
     attribute_states,
     build_editor,
     examples_from_case,
@@ -26,7 +27,14 @@ from remedi.editors import (
 from remedi.hooks import Site, intervene
 from remedi.metrics import evaluate_cases
 from remedi.models import LoadedModel
-from remedi.tokens import encode_continuations, encode_prompts, final_hidden, score_continuations
+from remedi.tokens import (
+    cache_kwargs,
+    encode_continuations,
+    encode_prompts,
+    final_hidden,
+    returned_cache,
+    score_continuations,
+)
 
 EXAMPLES = [
     RemediExample(
@@ -142,9 +150,23 @@ def test_null_editor_loss_matches_model_scores(lm: LoadedModel) -> None:
         first = remedi_loss(lm, 1, editor, EXAMPLES, attr)
         full = remedi_loss(lm, 1, editor, EXAMPLES, attr, target_tokens="all")
     assert float(first["kl"]) == pytest.approx(0.0, abs=1e-6)
-    assert float(first["mediated"]) == pytest.approx(float(-scores.first.mean()), rel=1e-4)
     assert float(full["mediated"]) == pytest.approx(float(-scores.sum.mean()), rel=1e-4)
     assert float(full["kl"]) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_first_token_loss_scores_the_first_text_token(lm: LoadedModel) -> None:
+    """The tiny tokenizer, like Gemma's before digits, starts these targets with a bare space
+    token: "first"-token training must score the first token that carries the target's text
+    (as the metrics do), or every target is the same bare token."""
+    editor = build_editor("null", lm.arch.hidden_size)
+    attr = attribute_states(lm, 1, [e.context for e in EXAMPLES], [e.entity for e in EXAMPLES])
+    prompts, news = [e.prompt for e in EXAMPLES], [e.target_mediated for e in EXAMPLES]
+    batch = encode_continuations(lm.tokenizer, prompts, news)
+    assert (batch.first_text_index() == 1).all()
+    scores = score_continuations(lm.model, batch)
+    with torch.no_grad():
+        first = remedi_loss(lm, 1, editor, EXAMPLES, attr)
+    assert float(first["mediated"]) == pytest.approx(float(-scores.first.mean()), rel=1e-4)
 
 
 def test_biaffine_reads_the_entity_state(lm: LoadedModel) -> None:
@@ -171,6 +193,24 @@ def test_metrics_context_edits_subject_rows_only(lm: LoadedModel, tmp_path) -> N
         assert a["neighborhood_magnitude"] == pytest.approx(b["neighborhood_magnitude"])
 
 
+def _greedy_with_edited_prompt(
+    lm: LoadedModel, editor: torch.nn.Module, prompt: str, entity: str, context: str, steps: int
+) -> str:
+    """Reference: the prompt run once with the direction added at the entity's last token, then
+    greedy steps on its key/value cache with no edit."""
+    attribute = attribute_states(lm, 1, [context], [entity])
+    batch = encode_prompts(lm.tokenizer, [prompt], [entity])
+    with torch.no_grad():
+        with apply_editor(lm, 1, editor, attribute, batch.subject_last):
+            out = lm.model(input_ids=batch.input_ids, use_cache=True)
+        tokens = [out.logits[:, -1].argmax(-1, keepdim=True)]
+        for _ in range(steps - 1):
+            cache = cache_kwargs(lm.model, returned_cache(out))
+            out = lm.model(input_ids=tokens[-1], use_cache=True, **cache)
+            tokens.append(out.logits[:, -1].argmax(-1, keepdim=True))
+    return str(lm.tokenizer.decode(torch.cat(tokens, -1)[0], skip_special_tokens=True))
+
+
 def test_generate_edits_the_prompt_pass_only(lm: LoadedModel) -> None:
     prompts = ["The capital of France is", "Toyota is"]
     entities, contexts = ["France", "Toyota"], ["France is in Rome", "Toyota makes Windows"]
@@ -186,10 +226,13 @@ def test_generate_edits_the_prompt_pass_only(lm: LoadedModel) -> None:
     )
     want = lm.tokenizer.batch_decode(out[:, batch.input_ids.shape[1] :], skip_special_tokens=True)
     assert plain == want
-    edited = generate_edited(
-        lm, 1, _trained_like("affine", lm), prompts, entities, contexts, max_new_tokens=5
-    )
-    assert len(edited) == 2
+    editor = _trained_like("affine", lm)
+    with torch.no_grad():
+        editor.linear.bias.mul_(30.0)  # a direction large enough to change greedy tokens
+    for prompt, entity, context, before in zip(prompts, entities, contexts, plain, strict=True):
+        (edited,) = generate_edited(lm, 1, editor, [prompt], [entity], [context], max_new_tokens=5)
+        assert edited == _greedy_with_edited_prompt(lm, editor, prompt, entity, context, 5)
+        assert edited != before
 
 
 def test_kl_divergence_matches_kl_div_value_and_gradient(

@@ -292,3 +292,72 @@ def test_a_corrupt_model_is_one_line(
     errors = _errors(capsys.readouterr().err)
     assert len(errors) == 1 and errors[0].startswith(f"error: --model {setup['model']}: ")
     assert message in errors[0] and not setup["out"].exists()
+
+
+ZSRE_RECORDS = [
+    {
+        "subject": "Toyota",
+        "src": "Which country is Toyota from?",
+        "pred": "Japan",
+        "rephrase": "Where does Toyota come from?",
+        "alt": "France",
+        "answers": ["Japan"],
+        "loc": "nq question: who makes the iPhone",
+        "loc_ans": "Apple",
+    },
+    {
+        "subject": "The Eiffel Tower",
+        "src": "In which city is The Eiffel Tower?",
+        "pred": "Paris",
+        "rephrase": "Where does The Eiffel Tower stand?",
+        "alt": "Rome",
+        "answers": ["Paris"],
+        "loc": "nq question: capital of Germany",
+        "loc_ans": "Berlin",
+    },
+]
+
+
+def test_zsre_data_gets_a_zsre_table(setup: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    """zsRE files are scored with token accuracies, not CounterFact's comparisons."""
+    data = setup["data"].with_name("zsre.json")
+    data.write_text(json.dumps(ZSRE_RECORDS))
+    setup["data"] = data
+    extra = ["--method", "none", "--method", "rome", "--no-stats", "--layer", "1"]
+    assert evaluate.main(_args(setup, *extra, "--steps", "2")) == 0
+    summary = json.loads((setup["out"] / "summary.json").read_text())
+    for row in summary:
+        assert {"efficacy_accuracy", "paraphrase_accuracy", "specificity_accuracy"} <= row.keys()
+        assert "efficacy_score" not in row and "score" not in row
+        assert all(0.0 <= row[k] <= 1.0 for k in ZSRE_COLUMNS)
+    records = [json.loads(line) for line in (setup["out"] / "cases.jsonl").read_text().splitlines()]
+    assert all(r["took"] is (r["efficacy_accuracy"] == 1.0) for r in records)
+    lm = evaluate.load_data(str(data))
+    assert [c.benchmark for c in lm] == ["zsre", "zsre"]
+    header = (setup["out"] / "summary.md").read_text().splitlines()[0]
+    assert "specificity_accuracy" in header and "neighborhood_score" not in header
+    assert "(efficacy accuracy " in capsys.readouterr().out
+
+
+ZSRE_COLUMNS = ("efficacy_accuracy", "paraphrase_accuracy", "specificity_accuracy")
+
+
+def test_zsre_chart_draws_the_accuracies(tmp_path: Path) -> None:
+    rows = [
+        {"method": m, "model": "tiny", "n_cases": 2, **dict.fromkeys(ZSRE_COLUMNS, v)}
+        for m, v in (("none", 0.2), ("rome", 0.9))
+    ]
+    ax = figures.summary_bars(rows).axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "Efficacy",
+        "Paraphrase",
+        "Specificity",
+    ]
+    assert "zsRE" in ax.get_title()
+
+
+def test_generation_length_flag() -> None:
+    args = evaluate.build_parser().parse_args(["--method", "none", "--data", "x", "--output", "o"])
+    assert args.generation_length == "total" and args.generation_tokens == 100
+    argv = ["--method", "none", "--data", "x", "--output", "o", "--generation-length", "new"]
+    assert evaluate.build_parser().parse_args(argv).generation_length == "new"

@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import COUNTERFACT_RECORDS as RECORDS
 from conftest import tiny_model
+from sklearn.feature_extraction.text import TfidfVectorizer
 
 from remedi import evaluate
 from remedi.data import EditCase, load_cases
@@ -18,17 +19,18 @@ from remedi.editors.apply import apply_direction, apply_editor
 from remedi.editors.modules import AffineEditor
 from remedi.metrics import (
     GenerationEdit,
-    fit_idf,
     generate_samples,
     generation_metrics,
     ngram_entropy,
+    reference_corpus,
     reference_texts,
+    reference_vectorizer,
     summarize_generation,
     text_entropy,
     tfidf_cosine,
 )
 from remedi.metrics.generation import words
-from remedi.tokens import PromptBatch
+from remedi.tokens import PromptBatch, encode_prompts
 
 
 def _h(*probabilities: float) -> float:
@@ -58,14 +60,24 @@ def test_text_entropy_counts_words_and_punctuation() -> None:
 
 
 def test_tfidf_cosine_of_tiny_texts() -> None:
-    idf = fit_idf(["cat dog", "cat fish", "bird"])
+    vec = TfidfVectorizer().fit(["cat dog", "cat fish", "bird"])
+    idf = dict(zip(vec.get_feature_names_out(), vec.idf_, strict=True))
     assert idf["cat"] == pytest.approx(math.log(4 / 3) + 1)
     assert idf["dog"] == pytest.approx(math.log(4 / 2) + 1)
-    assert tfidf_cosine("cat dog", "Dog CAT", idf) == pytest.approx(1.0)
-    assert tfidf_cosine("cat dog", "bird fish", idf) == 0.0
-    assert tfidf_cosine("a b c", "cat", idf) == 0.0  # no known term of two letters or more
+    assert tfidf_cosine("cat dog", "Dog CAT", vec) == pytest.approx(1.0)
+    assert tfidf_cosine("cat dog", "bird fish", vec) == 0.0
+    assert tfidf_cosine("a b c", "cat", vec) == 0.0  # no known term of two letters or more
     wc, wd = idf["cat"], idf["dog"]
-    assert tfidf_cosine("cat dog", "cat fish", idf) == pytest.approx(wc * wc / (wc**2 + wd**2))
+    assert tfidf_cosine("cat dog", "cat fish", vec) == pytest.approx(wc * wc / (wc**2 + wd**2))
+
+
+def test_reference_vectorizer_is_fixed_and_fitted_on_the_builtin_statements() -> None:
+    vec = reference_vectorizer()
+    assert isinstance(vec, TfidfVectorizer) and vec is reference_vectorizer()
+    corpus = reference_corpus()
+    assert len(vec.idf_) == len(TfidfVectorizer().fit(corpus).idf_)
+    assert "The capital of China is Beijing" in corpus  # a built-in fact, stated
+    assert {"seoul", "beijing", "capital"} <= set(vec.vocabulary_)
 
 
 def _case(attribute_prompts: list[str]) -> EditCase:
@@ -87,7 +99,7 @@ def test_generation_metrics_per_case() -> None:
         "Vostok Station, in Antarctica",
     ]
     samples = [["Angola is in Antarctica, near Ross Island"], ["Angola Angola Angola"]]
-    per_case = generation_metrics(cases, samples)
+    per_case = generation_metrics(cases, samples, TfidfVectorizer().fit(reference_texts(cases[0])))
     assert per_case[0]["generation_entropy"] == pytest.approx(text_entropy(samples[0][0]))
     assert 0.0 < per_case[0]["reference_score"] < 1.0
     assert per_case[1] == {"generation_entropy": 0.0}
@@ -101,15 +113,55 @@ def test_generation_metrics_per_case() -> None:
 PROMPTS = ["The Eiffel Tower is in", "The Eiffel Tower makes"]
 
 
+def test_reference_score_of_a_method_does_not_depend_on_its_samples_corpus() -> None:
+    """One fixed vectoriser: a case's RS depends on its own samples and references only, not on
+    what the method sampled for the other cases (an idf fitted on them would change)."""
+    cases = [_case(["The capital of South Korea is"]), _case(["The capital of Norway is"])]
+    mine = ["Angola's capital is Seoul, the capital of South Korea"]
+    one = generation_metrics(cases, [mine, ["Oslo Oslo fjord Norway"]])
+    two = generation_metrics(cases, [mine, ["something else entirely about cars"]])
+    assert one[0]["reference_score"] == two[0]["reference_score"] > 0.0
+
+
+def _tokens(lm, text: str) -> int:
+    return len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def test_samples_are_capped_in_all_by_default_or_get_new_tokens() -> None:
+    """ROME's protocol: the text, prompt included, is max_tokens tokens; ``new`` adds them."""
+    lm = tiny_model("llama")
+    prompts = ["The Eiffel Tower is in", "The Eiffel Tower makes a lot of cars in"]
+    n_prompt = [_tokens(lm, p) for p in prompts]
+    total = generate_samples(lm, prompts, ["Eiffel Tower"] * 2, 30, seed=1)
+    new = generate_samples(lm, prompts, ["Eiffel Tower"] * 2, 30, seed=1, length="new")
+    batch = encode_prompts(lm.tokenizer, prompts, ["Eiffel Tower"] * 2, padding_side="left")
+    torch.manual_seed(1)
+    out = lm.model.generate(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        max_new_tokens=30,
+        min_new_tokens=30,
+        do_sample=True,
+        top_k=5,
+        top_p=1.0,
+        pad_token_id=lm.tokenizer.pad_token_id,
+    )[:, batch.input_ids.shape[1] :]
+    for i, prompt in enumerate(prompts):
+        kept = lm.tokenizer.decode(out[i, : 30 - n_prompt[i]], skip_special_tokens=True)
+        assert total[i] == prompt + kept
+        assert new[i] == prompt + lm.tokenizer.decode(out[i], skip_special_tokens=True)
+    assert generate_samples(lm, prompts, ["Eiffel Tower"] * 2, 3) == prompts  # prompts too long
+
+
 def test_sampling_is_seeded_and_leaves_the_global_rng_alone() -> None:
     lm = tiny_model("llama")
     torch.manual_seed(123)
     expected_next = torch.rand(3)
     torch.manual_seed(123)
-    first = generate_samples(lm, PROMPTS, ["Eiffel Tower"] * 2, max_new_tokens=12, seed=5)
+    first = generate_samples(lm, PROMPTS, ["Eiffel Tower"] * 2, max_tokens=24, seed=5)
     assert torch.equal(torch.rand(3), expected_next)
-    again = generate_samples(lm, PROMPTS, ["Eiffel Tower"] * 2, max_new_tokens=12, seed=5)
-    other = generate_samples(lm, PROMPTS, ["Eiffel Tower"] * 2, max_new_tokens=12, seed=6)
+    again = generate_samples(lm, PROMPTS, ["Eiffel Tower"] * 2, max_tokens=24, seed=5)
+    other = generate_samples(lm, PROMPTS, ["Eiffel Tower"] * 2, max_tokens=24, seed=6)
     assert first == again and first != other
     assert all(text.startswith(prompt) for text, prompt in zip(first, PROMPTS, strict=True))
     assert all(len(text) > len(prompt) for text, prompt in zip(first, PROMPTS, strict=True))
@@ -124,14 +176,14 @@ def test_sampling_under_an_edit_and_a_context() -> None:
         vector = torch.full((lm.arch.hidden_size,), 50.0)
         return apply_direction(lm, 1, batch.subject_last, vector, prompt_pass_only=True)
 
-    plain = generate_samples(lm, PROMPTS, ["Eiffel Tower"] * 2, 10)
-    edited = generate_samples(lm, PROMPTS, ["Eiffel Tower"] * 2, 10, edit=edit)
+    plain = generate_samples(lm, PROMPTS, ["Eiffel Tower"] * 2, 10, length="new")
+    edited = generate_samples(lm, PROMPTS, ["Eiffel Tower"] * 2, 10, edit=edit, length="new")
     assert edited != plain and len(seen) == 1
     batch = seen[0]
     subjects = [batch.input_ids[r, s.first : s.last + 1] for r, s in enumerate(batch.subject_spans)]
     assert [lm.tokenizer.decode(ids).strip() for ids in subjects] == ["Eiffel Tower"] * 2
     assert batch.attention_mask[:, -1].all()  # left padded: the prompts end together
-    context = generate_samples(lm, PROMPTS, ["Eiffel Tower"] * 2, 10, context="Toyota makes. ")
+    context = generate_samples(lm, PROMPTS, ["Eiffel Tower"] * 2, 24, context="Toyota makes. ")
     assert all(t.startswith(p) for t, p in zip(context, PROMPTS, strict=True))
 
 
@@ -147,7 +199,7 @@ def test_evaluate_cli_with_generation(tmp_path: Path, monkeypatch: pytest.Monkey
     argv = ["--model", str(tmp_path / "model"), "--data", str(data), "--output", str(out)]
     argv += [x for m in methods for x in ("--method", m)]
     argv += ["--no-stats", "--layer", "1", "--steps", "2", "--generation", "--generation-tokens"]
-    assert evaluate.main([*argv, "8"]) == 0
+    assert evaluate.main([*argv, "24"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     for row in summary:
         assert row["generation_entropy"] > 0.0 and 0.0 <= row["reference_score"] <= 1.0
@@ -159,8 +211,9 @@ def test_evaluate_cli_with_generation(tmp_path: Path, monkeypatch: pytest.Monkey
         ("none", 8, 1),
     ]
     cases = load_cases(data)
-    direct = generate_samples(lm, cases[0].generation_prompts, ["The Eiffel Tower"] * 2, 8)
+    direct = generate_samples(lm, cases[0].generation_prompts, ["The Eiffel Tower"] * 2, 24)
     assert samples[0]["samples"] == direct  # method none is the unedited LM, seed = case index
+    assert all(len(s) > len(p) for s, p in zip(direct, cases[0].generation_prompts, strict=True))
     assert "generation_entropy" in (out / "summary.md").read_text()
     assert evaluate.main([*argv, "0"]) == 2
 
@@ -168,7 +221,7 @@ def test_evaluate_cli_with_generation(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_sampler_applies_a_remedi_direction_on_the_prompt_pass(tmp_path: Path) -> None:
     lm = tiny_model("llama")
     argv = ["--method", "none", "--data", "x", "--output", str(tmp_path)]
-    args = evaluate.build_parser().parse_args([*argv, "--generation-tokens", "6"])
+    args = evaluate.build_parser().parse_args([*argv, "--generation-tokens", "24"])
     cases = load_cases_from(RECORDS, tmp_path)
     runner = evaluate.Runner(lm, args)
     editor = AffineEditor(lm.arch.hidden_size)
@@ -194,7 +247,7 @@ def test_weight_edits_sample_under_the_edit_and_are_restored(tmp_path: Path) -> 
     before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     argv = ["--method", "rome", "--data", "x", "--output", str(tmp_path), "--no-stats"]
     args = evaluate.build_parser().parse_args([*argv, "--layer", "1", "--steps", "2"])
-    args.generation, args.generation_tokens = True, 6
+    args.generation, args.generation_tokens = True, 24
     cases = load_cases_from(RECORDS, tmp_path)
     runner = evaluate.Runner(lm, args)
     runner.run("rome", cases)

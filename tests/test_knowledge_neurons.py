@@ -143,6 +143,49 @@ def test_update_and_erase_are_bitwise_reversible(model_type: str) -> None:
     assert all(torch.equal(v, original[k]) for k, v in lm.model.state_dict().items())
 
 
+@pytest.mark.parametrize("edit", ["update", "erase"])
+def test_a_failed_edit_restores_every_weight_bitwise(
+    edit: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error midway (here: at the third slot) leaves no half-written value slot behind."""
+    lm = tiny_model("llama")
+    original = _weights(lm)
+    neurons = [Neuron(0, 1), Neuron(1, 2), Neuron(2, 0)]
+    real = lm.arch.mlp_out_weight
+    calls = []
+
+    def failing(layer: int) -> torch.Tensor:
+        calls.append(layer)
+        if len(calls) == 3:
+            raise RuntimeError("boom")
+        return real(layer)
+
+    monkeypatch.setattr(lm.arch, "mlp_out_weight", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        if edit == "update":
+            kn.update_fact(lm, neurons, "Paris", "Rome")
+        else:
+            kn.erase(lm, neurons)
+    assert len(calls) == 3
+    assert all(torch.equal(v, original[k]) for k, v in lm.model.state_dict().items())
+
+
+def test_answers_are_scored_at_their_first_text_token() -> None:
+    """Answers " 1889" and " 2024" start with the same bare space: their probabilities are those of
+    "1" and "2" after it, so they differ, and the neuron edit writes the digit's embedding."""
+    lm = tiny_model("llama")
+    prompt = "The Eiffel Tower was built in"
+    probs = kn.answer_probs(lm, [prompt] * 2, ["1889", "2024"])
+    ids = lm.tokenizer([prompt + " 1"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        expected = torch.softmax(lm.model(input_ids=ids[:, :-1]).logits[0, -1], -1)
+    digits = lm.tokenizer.convert_tokens_to_ids(["1", "2"])
+    torch.testing.assert_close(probs, expected[digits])
+    torch.testing.assert_close(kn._answer_embedding(lm, "1889"), lm.arch.unembed.weight[digits[0]])
+    attribution = kn.attribute(lm, prompt, "1889", steps=2, layers=[1])
+    assert not torch.equal(attribution, kn.attribute(lm, prompt, "2024", steps=2, layers=[1]))
+
+
 def test_apply_update_prefers_new_target_and_restores() -> None:
     lm = tiny_model("llama")
     original = _weights(lm)

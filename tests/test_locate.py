@@ -51,6 +51,35 @@ def test_trace_with_target(model_dir: Path, tmp_path: Path) -> None:
     assert list(data["scores"]) == ["mlp"] and "Paris".startswith(data["target"].strip())
 
 
+def test_trace_noise_is_fixed_per_model_or_given(model_dir: Path, tmp_path: Path) -> None:
+    """The default noise is the model's dataset-level level, the same for two subjects;
+    --noise-scale scales it and --noise replaces it."""
+    from remedi.methods import causal_trace
+
+    expected = causal_trace.default_noise_std(tiny_model("gpt2"))
+    base = ["trace", "--model", str(model_dir), "--kinds", "hidden", "--samples", "1"]
+
+    def noise(name: str, *extra: str) -> float:
+        assert locate.main([*base, *extra, "--output", str(tmp_path / name)]) == 0
+        return json.loads((tmp_path / name / "trace.json").read_text())["noise_std"]
+
+    assert noise("a", "--prompt", PROMPT, "--subject", "Eiffel Tower") == pytest.approx(expected)
+    toyota = ["--prompt", "Toyota is located in", "--subject", "Toyota"]
+    assert noise("b", *toyota) == pytest.approx(expected)
+    assert noise("c", *toyota, "--noise-scale", "1.5") == pytest.approx(expected / 2)
+    assert noise("d", *toyota, "--noise", "0.5") == 0.5
+
+
+def test_trace_prompt_may_be_a_template(model_dir: Path, tmp_path: Path) -> None:
+    argv = ["trace", "--model", str(model_dir), "--prompt", "Toyota fans say {} is based in"]
+    argv += ["--subject", "Toyota", "--kinds", "hidden", "--samples", "1"]
+    assert locate.main([*argv, "--output", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "trace.json").read_text())
+    assert data["prompt"] == "Toyota fans say Toyota is based in"
+    start, end = data["subject_range"]
+    assert start > 1 and "".join(data["tokens"][start:end]).strip() == "Toyota"
+
+
 def test_kn_writes_neurons(
     model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -76,6 +105,7 @@ def test_kn_writes_neurons(
         (["--subject", "Eiffel", "--target", " "], "--target is empty"),
         (["--subject", "Eiffel", "--model", "not a model"], "--model 'not a model'"),
         (["--subject", "Eiffel", "--samples", "0"], "--samples must be positive, got 0"),
+        (["--subject", "Eiffel", "--noise", "0"], "--noise must be positive, got 0.0"),
         (["--subject", "Eiffel", "--device", "tpu"], "--device 'tpu'"),
         (["--subject", "Eiffel", "--device", "cuda:7"], "--device 'cuda:7'"),
         (["--subject", "Eiffel", "--threads", "0"], "--threads must be positive"),

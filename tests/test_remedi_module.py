@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
+import lightning as L
 import pytest
 import torch
 from conftest import lightning_trainer, tiny_model
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from test_datamodules import write_rome
 
 from datamodules import CounterFactDataModule
@@ -94,7 +96,7 @@ def test_resume_matches_uninterrupted_training(tiny: LoadedModel, tmp_path: Path
     trainer = _trainer(tmp_path / "b", max_steps=2 * n)
     trainer.fit(resumed, _data(tmp_path), ckpt_path=str(tmp_path / "a" / f"step{n}.ckpt"))
     assert trainer.global_step == 2 * n
-    assert float(straight.editor.linear.weight.abs().sum()) > 0
+    assert float(straight.editor.linear.weight.detach().abs().sum()) > 0
     for a, b in zip(straight.editor.parameters(), resumed.editor.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -131,6 +133,38 @@ def test_validation_logs_metrics_and_keeps_a_copy_of_the_best(
     assert len(module.val_cases) == 2
     results = trainer.test(module, _data(tmp_path))
     assert "test/score" in results[0]
+
+
+def test_the_best_copy_is_the_best_epochs_not_the_last(
+    tiny: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With validation losses that only grow after epoch 0, the kept copy is epoch 0's editor,
+    not a later one (a copy taken at every epoch would fail this)."""
+    module = _module(tiny)
+    real = module.eval_terms
+
+    def worse_every_epoch(batch: Any) -> dict[str, torch.Tensor]:
+        terms = real(batch)
+        terms["loss"] = terms["loss"] + 100.0 * module.current_epoch
+        return terms
+
+    monkeypatch.setattr(module, "eval_terms", worse_every_epoch)
+    seen: list[dict[str, torch.Tensor]] = []
+
+    class Record(Callback):
+        def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            seen.append({k: v.detach().clone() for k, v in module.editor.state_dict().items()})
+
+    trainer = _trainer(tmp_path, max_epochs=3, limit_val_batches=None)
+    trainer.callbacks.append(Record())
+    trainer.fit(module, _data(tmp_path))
+    assert len(seen) == 3 and module.best_epoch == 0
+    assert not torch.equal(seen[0]["linear.weight"], seen[-1]["linear.weight"])
+    assert module.best_editor_state is not None
+    for key, value in module.best_editor_state.items():
+        assert torch.equal(value, seen[0][key]), key
+    module.restore_best()
+    assert torch.equal(module.editor.linear.weight, seen[0]["linear.weight"])
 
 
 def test_parameterless_editor_validates(tiny: LoadedModel, tmp_path: Path) -> None:

@@ -3,14 +3,20 @@ check on the default model."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from conftest import MODEL_TYPES, tiny_model
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from remedi.data import EditCase
-from remedi.methods import rome
+from remedi.methods import rome, second_moment
 from remedi.methods.requests import EditRequest
 from remedi.metrics import evaluate_cases
 from remedi.models import LoadedModel
@@ -88,6 +94,105 @@ def test_rank_one_update_maps_key_to_value() -> None:
     update = rome.rank_one_update(weight, key, delta, c)
     torch.testing.assert_close((weight + update) @ key, weight @ key + delta)
     assert torch.linalg.matrix_rank(update.double(), rtol=1e-5) == 1
+
+
+class _NoSquare(TorchDispatchMode):
+    """Fails any operation whose result is a ``width`` × ``width`` matrix."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.width = width
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        for item in tree_flatten(out)[0]:
+            if isinstance(item, torch.Tensor) and tuple(item.shape) == (self.width, self.width):
+                raise AssertionError(f"{func} built a {self.width} x {self.width} matrix")
+        return out
+
+
+@contextmanager
+def no_square_matrix(width: int) -> Iterator[None]:
+    """Inside, no torch operation may produce a ``width`` × ``width`` matrix (identity
+    statistics must not build one, not even the identity)."""
+    with _NoSquare(width):
+        yield
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.fixture
+def collected(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> second_moment.SecondMoment:
+    """Cached layer-1 statistics of the tiny Llama (width 48) over 400 tokens."""
+    monkeypatch.setenv("REMEDI_CACHE", str(tmp_path / "cache"))
+    second_moment.release_inverses()
+    lm = tiny_model("llama")
+    return second_moment.collect(lm, [1], None, n_tokens=400, chunk_len=64, progress=False)[1]
+
+
+def test_cached_inverse_update_equals_a_direct_float64_solve(
+    collected: second_moment.SecondMoment,
+) -> None:
+    torch.manual_seed(0)
+    c = collected.matrix
+    weight = torch.zeros(6, c.shape[0], dtype=torch.float64)
+    key, delta = torch.randn(c.shape[0]), torch.randn(6)
+    cached = rome.rank_one_update(weight, key, delta, inverse=collected.inverse("cpu"))
+    left = torch.linalg.solve(c, key.double())
+    direct = torch.outer(delta.double(), left) / torch.dot(key.double(), left)
+    assert _relative(cached, direct) < 1e-6
+    assert _relative(rome.rank_one_update(weight, key, delta, c), direct) < 1e-6
+
+
+def test_identity_update_is_the_unwhitened_rank_one_update() -> None:
+    torch.manual_seed(0)
+    weight, key, delta = torch.zeros(6, 10, dtype=torch.float64), torch.randn(10), torch.randn(6)
+    expected = torch.outer(delta, key).double() / key.double().dot(key.double())
+    with no_square_matrix(10):
+        update = rome.rank_one_update(weight, key, delta)
+    torch.testing.assert_close(update, expected)
+
+
+def test_identity_statistics_build_no_square_matrix() -> None:
+    lm = tiny_model("gpt2")
+    width = lm.arch.mlp_hidden_size
+    assert width != lm.arch.hidden_size
+    with no_square_matrix(width), rome.apply_edit(lm, REQUEST, hparams=FAST) as handle:
+        assert handle.info["whitened"] is False
+
+
+def test_edit_with_collected_statistics_uses_the_cached_inverse(
+    collected: second_moment.SecondMoment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The edit whitens by the cached inverse (no solve), and maps k* to v*."""
+    lm = tiny_model("llama")
+    collected.inverse(lm.device)
+
+    def no_solve(*_: object, **__: object) -> None:
+        raise AssertionError("a d x d system was solved during the edit")
+
+    monkeypatch.setattr(torch.linalg, "solve", no_solve)
+    monkeypatch.setattr(second_moment, "factorise", no_solve)
+    with rome.apply_edit(lm, REQUEST, stats=collected, hparams=FAST) as handle:
+        key, value = handle.info["key"], handle.info["value"]
+        assert isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor)
+        weight = lm.arch.mlp_out_weight(1).detach()
+        torch.testing.assert_close(weight @ key, value, rtol=1e-4, atol=1e-4)
+        assert handle.info["whitened"] is True
+
+
+def test_request_states_batch_matches_one_request_at_a_time() -> None:
+    lm = tiny_model("gpt2")
+    requests = [REQUEST, EditRequest("{} makes", "Toyota", "phones")]
+    templates = rome.context_templates(3)
+    sites = [rome.Site("mlp_in", 1), rome.Site("block", 2)]
+    together = rome.request_states(lm, sites, requests, templates, batch_rows=3)
+    for i, request in enumerate(requests):
+        alone = rome.subject_states(lm, sites, request, templates)
+        for site in sites:
+            torch.testing.assert_close(together[site][i], alone[site], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("model_type", ["gpt2", "llama", "gptj", "gemma3_text"])

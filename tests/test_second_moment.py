@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,125 @@ def test_default_source_is_the_python_documentation(
     named = second_moment.collect(lm, [0], "python-docs", n_tokens=500, chunk_len=64)
     assert named[0].from_cache and torch.equal(stats[0].matrix, named[0].matrix)
     assert "Python documentation" in second_moment.source_line(stats, None)
+
+
+@pytest.mark.parametrize("batch_chunks", [1, 3, 8])
+def test_batched_chunks_match_one_float64_pass(corpus: Path, batch_chunks: int) -> None:
+    """Chunks stacked ``batch_chunks`` per forward pass (the corpus's short last chunk alone)
+    give the mean of k kᵀ of one float64 pass over every key, one chunk at a time."""
+    lm = tiny_model("llama")
+    n_tokens = 100  # 6 chunks of 15 keys after the BOS, and a short one of 10
+    stats = second_moment.collect(
+        lm, [0, 2], corpus, n_tokens, chunk_len=16, progress=False, batch_chunks=batch_chunks
+    )
+    chunks = list(second_moment.token_chunks(lm, corpus, n_tokens, 16))
+    assert len({ids.shape[1] for ids, _ in chunks}) == 2
+    keys: dict[int, list[torch.Tensor]] = {0: [], 2: []}
+    sites = [Site("mlp_in", 0), Site("mlp_in", 2)]
+    for ids, skip in chunks:
+        with torch.no_grad(), intervene(lm.arch, record=sites) as states:
+            lm.model(input_ids=ids)
+        for site in sites:
+            keys[site.layer].append(states[site][0, skip:].double())
+    for layer in (0, 2):
+        k = torch.cat(keys[layer])
+        assert stats[layer].n_tokens == len(k) == n_tokens
+        matrix = stats[layer].matrix
+        assert matrix.dtype == torch.float64 and matrix.device.type == "cpu"
+        torch.testing.assert_close(stats[layer].matrix, k.T @ k / len(k), rtol=1e-6, atol=1e-9)
+
+
+@pytest.fixture
+def docs_stats(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> second_moment.SecondMoment:
+    """Cached statistics of a tiny Llama's layer 1 (width 48) over 400 tokens: well conditioned."""
+    monkeypatch.setenv("REMEDI_CACHE", str(tmp_path / "cache"))
+    second_moment.release_inverses()
+    lm = tiny_model("llama")
+    return second_moment.collect(lm, [1], None, n_tokens=400, chunk_len=64, progress=False)[1]
+
+
+def test_inverse_is_cached_beside_the_statistics(docs_stats: second_moment.SecondMoment) -> None:
+    stats = docs_stats
+    inv = stats.inverse("cpu")
+    assert stats.path is not None
+    path = second_moment.inverse_path(stats.path)
+    assert path.is_file() and path.parent == stats.path.parent
+    assert inv.dtype == torch.float64
+    eye = torch.eye(stats.matrix.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(stats.matrix @ inv, eye, rtol=0, atol=1e-9)
+    assert second_moment.inverse(None, "cpu") is None
+
+
+def test_second_call_reuses_the_device_copy(
+    docs_stats: second_moment.SecondMoment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A later :func:`collect` of the same statistics (a new object, read from disk) gets the
+    inverse already held for the device: nothing is factorised or read again."""
+    first = docs_stats.inverse("cpu")
+    again = second_moment.collect(tiny_model("llama"), [1], None, 400, 64, progress=False)[1]
+    assert again.from_cache and again is not docs_stats
+
+    def fail(*_: object, **__: object) -> None:
+        raise AssertionError("the inverse was computed or read again")
+
+    monkeypatch.setattr(second_moment, "factorise", fail)
+    monkeypatch.setattr(second_moment, "_load_inverse", fail)
+    assert second_moment.inverse(again, "cpu", width=48) is first
+
+
+def _damage_truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def _damage_garbage(path: Path) -> None:
+    path.write_bytes(b"not a torch file at all" * 10)
+
+
+def _damage_values(path: Path) -> None:
+    """A well-formed file whose matrix is no longer the inverse (a flipped sign)."""
+    data = torch.load(path, weights_only=True)
+    data["inverse"][3, 5] = -data["inverse"][3, 5] + 1.0
+    torch.save(data, path)
+
+
+@pytest.mark.parametrize("damage", [_damage_truncate, _damage_garbage, _damage_values])
+def test_damaged_inverse_file_is_rebuilt(
+    docs_stats: second_moment.SecondMoment,
+    damage: Callable[[Path], None],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    good = docs_stats.inverse("cpu").clone()
+    assert docs_stats.path is not None
+    path = second_moment.inverse_path(docs_stats.path)
+    damage(path)
+    second_moment.release_inverses()
+    with caplog.at_level("WARNING", logger="remedi.methods.second_moment"):
+        rebuilt = docs_stats.inverse("cpu")
+    assert "unusable" in caplog.text
+    torch.testing.assert_close(rebuilt, good, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(torch.load(path, weights_only=True)["inverse"], good)
+
+
+def test_damaged_statistics_file_is_collected_again(
+    corpus: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    lm = tiny_model("gpt2")
+    first = second_moment.collect(lm, [0], corpus, n_tokens=60, chunk_len=16, progress=False)
+    assert first[0].path is not None
+    first[0].path.write_bytes(b"\0" * 64)
+    with caplog.at_level("WARNING", logger="remedi.methods.second_moment"):
+        again = second_moment.collect(lm, [0], corpus, n_tokens=60, chunk_len=16, progress=False)
+    assert "unreadable" in caplog.text and not again[0].from_cache
+    torch.testing.assert_close(again[0].matrix, first[0].matrix)
+    assert second_moment._load(first[0].path) is not None
+
+
+def test_inverse_of_a_bare_matrix_and_a_wrong_width() -> None:
+    torch.manual_seed(0)
+    a = torch.randn(6, 30, dtype=torch.float64)
+    c = a @ a.T / 30
+    torch.testing.assert_close(second_moment.inverse(c, "cpu", width=6), torch.linalg.inv(c))
+    with pytest.raises(ValueError, match=r"expected \(7, 7\)"):
+        second_moment.inverse(c, "cpu", width=7)
+    with pytest.raises(ValueError, match="singular"):
+        second_moment.factorise(torch.zeros(4, 4, dtype=torch.float64))

@@ -132,9 +132,14 @@ class EditorBaseline(_StageCallback):
         self.corpus = corpus
         self.stats_tokens = stats_tokens
         self.name = name or method
+        self._collected: dict[tuple[str, int], Any] = {}
 
     def _stats(self, lm: LoadedModel) -> tuple[int | None, Any]:
-        """The edited layer and the statistics the method needs (None when it needs none)."""
+        """The edited layer and the statistics the method needs (None when it needs none).
+
+        Collected (or read from the disk cache) once per model and layer, then kept for the
+        later epochs: their inverses stay on the LM's device in the process-wide cache
+        (:func:`remedi.methods.second_moment.inverse`), so later runs edit at once."""
         if self.method not in ("rome", "memit"):
             return self.layer, None
         from remedi.methods import memit, rome, second_moment
@@ -146,7 +151,11 @@ class EditorBaseline(_StageCallback):
             layer, layers = None, memit.default_layers(lm)
         if self.corpus is None:
             return layer, None
-        stats = second_moment.collect(lm, layers, self.corpus, n_tokens=self.stats_tokens)
+        wanted = [x for x in layers if (lm.spec, x) not in self._collected]
+        if wanted:
+            collected = second_moment.collect(lm, wanted, self.corpus, n_tokens=self.stats_tokens)
+            self._collected.update({(lm.spec, x): s for x, s in collected.items()})
+        stats = {x: self._collected[(lm.spec, x)] for x in layers}
         return layer, (stats[layers[0]] if self.method == "rome" else stats)
 
     def run(
@@ -181,6 +190,10 @@ class CausalTraceCallback(_StageCallback):
         samples: noise samples per corrupted run.
         every_n_epochs: run at every n-th validation epoch.
         on_test: also run at the end of ``test``.
+        noise_scale: noise standard deviation as a multiple of that of the built-in facts'
+            subject embeddings (the fixed default of :func:`remedi.methods.causal_trace.trace`,
+            the same as ``remedi.locate trace``'s).
+        noise_std: an absolute noise standard deviation instead.
     """
 
     def __init__(
@@ -190,6 +203,8 @@ class CausalTraceCallback(_StageCallback):
         samples: int = 10,
         every_n_epochs: int = 1,
         on_test: bool = False,
+        noise_scale: float = 3.0,
+        noise_std: float | None = None,
     ) -> None:
         super().__init__(limit, every_n_epochs, on_test)
         unknown = set(kinds) - {"hidden", "mlp", "attn"}
@@ -197,6 +212,8 @@ class CausalTraceCallback(_StageCallback):
             raise ValueError(f"kinds {sorted(unknown)} are not among hidden, mlp, attn")
         self.kinds = tuple(kinds)
         self.samples = samples
+        self.noise_scale = noise_scale
+        self.noise_std = noise_std
 
     def run(
         self,
@@ -217,8 +234,11 @@ class CausalTraceCallback(_StageCallback):
                     lm,
                     case.rewrite_prompt,
                     case.subject,
+                    subject_start=case.subject_start,
                     kinds=self.kinds,
                     samples=self.samples,
+                    noise_scale=self.noise_scale,
+                    noise_std=self.noise_std,
                     progress=False,
                 )
             for kind in self.kinds:

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+Benchmark = Literal["counterfact", "zsre"]
+"""Which metrics score a case: CounterFact's probability comparisons, or zsRE's token accuracy
+(see :mod:`remedi.metrics`). The readers set it from the data's layout."""
+BENCHMARKS: tuple[Benchmark, ...] = ("counterfact", "zsre")
 
 
 class CaseError(ValueError):
@@ -22,7 +28,9 @@ class EditCase:
     ``prompt`` is a template with one ``{}`` where the subject goes. ``target_new`` is ``None``
     for records that only state a fact (ROME's known facts). Neighborhood prompts are about
     other subjects whose true object is ``target_true``, unless ``neighborhood_targets`` gives
-    each one its own answer (zsRE-style locality questions).
+    each one its own answer (zsRE-style locality questions). ``benchmark`` names the metrics
+    that score the case: ``zsre`` cases are questions whose neighborhood prompts are unrelated
+    Natural Questions with their own answers.
     """
 
     case_id: int | str
@@ -36,11 +44,18 @@ class EditCase:
     attribute_prompts: list[str] = field(default_factory=list)
     generation_prompts: list[str] = field(default_factory=list)
     neighborhood_targets: list[str] | None = None
+    benchmark: Benchmark = "counterfact"
 
     @property
     def rewrite_prompt(self) -> str:
         """The template with the subject filled in."""
         return self.prompt.replace("{}", self.subject)
+
+    @property
+    def subject_start(self) -> int:
+        """Character offset of the subject in :attr:`rewrite_prompt`: where the template's
+        ``{}`` is (not the subject's first occurrence, which may be earlier)."""
+        return self.prompt.index("{}")
 
     def validate(self) -> EditCase:
         """Raise :class:`CaseError` naming the first bad field; return ``self`` when sound."""
@@ -63,6 +78,8 @@ class EditCase:
                 raise CaseError(
                     cid, f"paraphrase_prompts[{i}]", f"does not mention subject {self.subject!r}"
                 )
+        if self.benchmark not in BENCHMARKS:
+            raise CaseError(cid, "benchmark", f"must be one of {', '.join(BENCHMARKS)}")
         if self.neighborhood_targets is not None and len(self.neighborhood_targets) != len(
             self.neighborhood_prompts
         ):

@@ -7,6 +7,11 @@ Layouts (detected from the keys of the first record):
   EasyEdit's list-valued ``rephrase_prompt`` and ``locality`` entries;
 - ``zsre_mend``: MEND's zsRE files (``src, subject, alt, answers, rephrase, loc, loc_ans``);
 - ``known``: ROME's known facts (``known_id, subject, attribute, template, prompt``).
+
+The layout also says which metrics score the cases (:attr:`EditCase.benchmark`): ``zsre_mend``
+files are zsRE; a ``mend`` file is zsRE when its records say ``"dataset": "zsre"`` or their
+locality prompts carry answers of their own (unrelated Natural Questions) rather than the
+edited fact's true object, as CounterFact's neighborhood prompts do. A file is one benchmark.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from remedi.data.cases import CaseError, EditCase
+from remedi.data.cases import Benchmark, CaseError, EditCase
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +37,7 @@ class LoadReport:
     layout: str
     loaded: int
     skipped: list[CaseError]
+    benchmark: Benchmark = "counterfact"
 
 
 def template_for(case_id: object, prompt: str, subject: str) -> str:
@@ -88,6 +94,7 @@ def _from_mend(rec: dict[str, Any]) -> EditCase:
         neighborhood.append(str(item.get("prompt", "")))
         neighbor_targets.append(_str_of(item.get("ground_truth")))
     same_object = all(t == truth for t in neighbor_targets)
+    zsre = rec.get("dataset") == "zsre" or not same_object
     return EditCase(
         case_id=cid if cid is not None else -1,
         subject=subject,
@@ -98,6 +105,7 @@ def _from_mend(rec: dict[str, Any]) -> EditCase:
         paraphrase_prompts=_as_list(rec.get("rephrase_prompt")),
         neighborhood_prompts=neighborhood,
         neighborhood_targets=None if same_object else neighbor_targets,
+        benchmark="zsre" if zsre else "counterfact",
     )
 
 
@@ -114,6 +122,7 @@ def _from_zsre_mend(rec: dict[str, Any]) -> EditCase:
         paraphrase_prompts=_as_list(rec.get("rephrase")),
         neighborhood_prompts=_as_list(rec.get("loc")),
         neighborhood_targets=_as_list(rec.get("loc_ans")),
+        benchmark="zsre",
     )
 
 
@@ -200,7 +209,10 @@ def parse_records(
             skipped.append(bad)
     if skipped:
         log.warning("%s: skipped %d bad records (first: %s)", source, len(skipped), skipped[0])
-    return cases, LoadReport(layout, len(cases), skipped)
+    benchmark: Benchmark = "zsre" if any(c.benchmark == "zsre" for c in cases) else "counterfact"
+    for case in cases:
+        case.benchmark = benchmark
+    return cases, LoadReport(layout, len(cases), skipped, benchmark)
 
 
 def read_cases(path: str | Path, on_error: OnError = "raise") -> tuple[list[EditCase], LoadReport]:

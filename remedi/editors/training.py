@@ -196,15 +196,28 @@ def remedi_loss(
     kl_pos = [(i, c) for i in range(n) for c in range(subj_last[i], p_len[i] - 1)]
     last_pos = [(i, p_len[i] - 1) for i in range(n)]
     if target_tokens == "first":
-        width = max(p_len)
-        cells = kl_pos + last_pos
+        # Each target's first token that carries text (after a bare-space token, if the
+        # tokenizer splits one off, as Gemma does before digits), predicted where it is.
+        pos_m = [int(x) for x in enc_m.first_target_positions()]
+        pos_u = [int(x) for x in enc_u.first_target_positions()]
+        u_from_prompt = pos_u == [c for _, c in last_pos]
+        cells = kl_pos + [(i, pos_m[i]) for i in range(n)]
+        if u_from_prompt:
+            cells += last_pos
         rows = torch.tensor([r for r, _ in cells], device=device, dtype=torch.long)
         cols = torch.tensor([c for _, c in cells], device=device, dtype=torch.long)
+        width = max(max(p_len), max(pos_m) + 1)
         h_orig = _hidden(lm, enc_m, width, rows[: len(kl_pos)], cols[: len(kl_pos)], None)
         edited = _hidden(lm, enc_m, width, rows, cols, edit)
-        h_edit, last = edited[: len(kl_pos)], edited[len(kl_pos) :]
-        logp_m = _target_logprobs(lm, last, enc_m.target_ids[:, 0])
-        logp_u = _target_logprobs(lm, last, enc_u.target_ids[:, 0])
+        h_edit, last_m = edited[: len(kl_pos)], edited[len(kl_pos) : len(kl_pos) + n]
+        if u_from_prompt:
+            last_u = edited[len(kl_pos) + n :]
+        else:
+            at = torch.tensor(pos_u, device=device, dtype=torch.long)
+            every = torch.arange(n, device=device)
+            last_u = _hidden(lm, enc_u, max(pos_u) + 1, every, at, edit)
+        logp_m = _target_logprobs(lm, last_m, enc_m.first_target_ids())
+        logp_u = _target_logprobs(lm, last_u, enc_u.first_target_ids())
     elif target_tokens == "all":
         logp_m, h_edit, h_orig = _sequence_logprob(lm, enc_m, kl_pos, edit, with_kl=True)
         logp_u = _sequence_logprob(lm, enc_u, [], edit, with_kl=False)[0]

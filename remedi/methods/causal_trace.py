@@ -13,17 +13,25 @@ logits are computed (the full-vocabulary product at every position is most of a 
 cost). Restorations at tokens before the subject are no-ops (nothing upstream is corrupted) and
 are filled with the corrupted probability instead of being run.
 
+Noise. By default every trace uses one fixed noise level per model: 3 x the standard deviation
+of the token embeddings of the built-in facts' subjects (:func:`default_noise_std`), as ROME
+uses 3 x the standard deviation over the subjects of a dataset rather than of the traced prompt's
+own subject (which would change the noise level from prompt to prompt). ``noise_scale`` changes
+the multiple and ``noise_std`` sets an absolute level.
+
     result = trace(lm, "Toyota is headquartered in the country of", "Toyota")
     result.scores["mlp"]          # [tokens, layers] probability with that state restored
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from remedi.hooks import EMBEDDINGS, EditFn, Site, SiteKind, intervene, replace_at
@@ -36,6 +44,9 @@ from remedi.tokens import (
     prefix_cache,
     repeat_cache,
 )
+
+NOISE_SCALE = 3.0
+"""The default noise level as a multiple of :func:`subjects_embedding_std` (ROME's 3)."""
 
 TraceKind = Literal["hidden", "mlp", "attn"]
 KINDS: tuple[TraceKind, ...] = ("hidden", "mlp", "attn")
@@ -94,6 +105,29 @@ def embedding_std(lm: LoadedModel, subjects: Sequence[str]) -> float:
     return float(emb.float().std())
 
 
+_SUBJECT_STD: weakref.WeakKeyDictionary[nn.Module, float] = weakref.WeakKeyDictionary()
+
+
+def subjects_embedding_std(lm: LoadedModel) -> float:
+    """:func:`embedding_std` over the subjects of all built-in facts (each subject once), computed
+    once per model and kept in memory for as long as the model lives (it is one embedding lookup
+    of a few hundred tokens, so there is nothing worth keeping on disk)."""
+    if lm.model not in _SUBJECT_STD:
+        from remedi.data import load_builtin
+
+        subjects = sorted({case.subject for case in load_builtin()})
+        _SUBJECT_STD[lm.model] = embedding_std(lm, subjects)
+    return _SUBJECT_STD[lm.model]
+
+
+def default_noise_std(lm: LoadedModel, scale: float = NOISE_SCALE) -> float:
+    """The noise level every trace uses unless told otherwise: ``scale`` (3) x the standard
+    deviation of the embeddings of the built-in facts' subjects. Fixed per model, so the same
+    prompt-independent level serves ``remedi.locate trace``, the CausalTraceCallback and the
+    benchmarks alike."""
+    return scale * subjects_embedding_std(lm)
+
+
 def make_noise(
     samples: int, span: TokenSpan, width: int, std: float, seed: int = 0
 ) -> torch.Tensor:
@@ -133,11 +167,6 @@ def window_layers(kind: str, layer: int, num_layers: int, window: int) -> range:
     if kind == "hidden":
         return range(layer, layer + 1)
     return range(max(0, layer - window // 2), min(num_layers, layer - (-window // 2)))
-
-
-def _target_id(lm: LoadedModel, prompt: str, target: str) -> int:
-    batch = encode_continuations(lm.tokenizer, [prompt], [target])
-    return int(batch.target_ids[0, 0])
 
 
 def _restore_chunk(
@@ -192,9 +221,10 @@ def trace(
     subject: str,
     target: str | None = None,
     *,
+    subject_start: int | None = None,
     kinds: Sequence[str] = KINDS,
     samples: int = 10,
-    noise_scale: float = 3.0,
+    noise_scale: float = NOISE_SCALE,
     noise_std: float | None = None,
     window: int = 10,
     batch_size: int = 160,
@@ -206,13 +236,19 @@ def trace(
     """Causal trace of ``prompt``'s next-token prediction with ``subject`` corrupted.
 
     Args:
-        target: trace the probability of this answer's first token (``" " + target``) instead of
-            the clean run's top-1 token.
+        target: trace the probability of this answer's first token that carries its text
+            (:meth:`remedi.tokens.ContinuationBatch.first_target_ids`) instead of the clean
+            run's top-1 token. When ``" " + target`` starts with bare tokens (Gemma's ``'▁'``
+            before a digit) they are appended to the traced input, so the traced position is the
+            one that predicts the answer's text.
+        subject_start: the subject's character offset in ``prompt`` (where a template's ``{}``
+            was, see :func:`remedi.tokens.fill_template`); None: its first occurrence.
         kinds: any of ``hidden`` (block output), ``mlp`` and ``attn`` (restored over ``window``
             layers centred on each layer).
         samples: noise samples per restoration; the quantity is the mean probability over them.
         noise_std: absolute noise standard deviation; by default ``noise_scale`` times the
-            standard deviation of the subject's token embeddings (:func:`embedding_std`).
+            standard deviation of the built-in facts' subject embeddings
+            (:func:`default_noise_std`), the same for every prompt.
         batch_size: batch rows per forward pass (rounded down to a multiple of ``samples``).
         seed: seeds the noise, shared by every restoration.
         layers, tokens: restore only these (default: all); other cells of ``scores`` are NaN,
@@ -227,11 +263,19 @@ def trace(
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     arch = lm.arch
-    encoded = encode_prompts(lm.tokenizer, [prompt], [subject]).to(lm.device)
-    input_ids = encoded.input_ids
-    span = encoded.subject_spans[0]
+    starts = [subject_start]
+    if target is None:
+        encoded = encode_prompts(lm.tokenizer, [prompt], [subject], subject_starts=starts)
+        input_ids, span, answer_id = encoded.input_ids, encoded.subject_spans[0], None
+    else:
+        cont = encode_continuations(lm.tokenizer, [prompt], [target], [subject], starts)
+        end = int(cont.first_target_positions()[0]) + 1
+        input_ids, answer_id = cont.input_ids[:, :end], int(cont.first_target_ids()[0])
+        assert cont.subject_spans is not None
+        span = cont.subject_spans[0]
+    input_ids = input_ids.to(lm.device)
     n_tokens, n_layers = input_ids.shape[1], arch.num_layers
-    std = noise_std if noise_std is not None else noise_scale * embedding_std(lm, [subject])
+    std = noise_std if noise_std is not None else default_noise_std(lm, noise_scale)
     noise = make_noise(samples, span, arch.hidden_size, std, seed).to(lm.device, lm.dtype)
 
     sites = [Site(SITE_OF_KIND[k], layer) for k in kinds for layer in range(n_layers)]
@@ -239,7 +283,7 @@ def trace(
         with intervene(arch, record=sites) as clean:
             clean_logits = next_token_logits(lm.model, input_ids)
         clean_probs = torch.softmax(clean_logits.float(), dim=-1)[0]
-        target_id = int(clean_probs.argmax()) if target is None else _target_id(lm, prompt, target)
+        target_id = int(clean_probs.argmax()) if answer_id is None else answer_id
         with intervene(arch, edit={EMBEDDINGS: corrupt_subject(span, noise)}):
             corrupted_logits = next_token_logits(lm.model, input_ids.expand(samples, -1))
         corrupted_prob = float(torch.softmax(corrupted_logits.float(), dim=-1)[:, target_id].mean())

@@ -103,26 +103,36 @@ SUMMARY_BARS = {
     "score": "Score",
 }
 """The summary-table columns :func:`summary_bars` draws, with their short names."""
+ZSRE_SUMMARY_BARS = {
+    "efficacy_accuracy": "Efficacy",
+    "paraphrase_accuracy": "Paraphrase",
+    "specificity_accuracy": "Specificity",
+}
+"""The columns drawn for a zsRE table (teacher-forced token accuracies)."""
 
 
 def summary_bars(rows: Sequence[Mapping[str, Any]]) -> Figure:
     """Grouped bars of an evaluation table: one group per method (in ``rows`` order), one bar per
-    score in :data:`SUMMARY_BARS`; a missing score leaves a gap rather than a misleading zero."""
+    score in :data:`SUMMARY_BARS` (:data:`ZSRE_SUMMARY_BARS` for a zsRE table); a missing score
+    leaves a gap rather than a misleading zero."""
     methods = [str(row["method"]) for row in rows]
-    width = 0.8 / len(SUMMARY_BARS)
+    zsre = any("efficacy_accuracy" in row for row in rows)
+    columns = ZSRE_SUMMARY_BARS if zsre else SUMMARY_BARS
+    width = 0.8 / len(columns)
     fig = Figure(figsize=(max(4.0, 1.2 * len(methods) + 1.5), 3.5))
     ax = fig.add_subplot()
-    for j, (column, label) in enumerate(SUMMARY_BARS.items()):
+    for j, (column, label) in enumerate(columns.items()):
         values = [math.nan if row.get(column) is None else float(row[column]) for row in rows]
         bars = ax.bar([i + j * width for i in range(len(methods))], values, width, label=label)
         labels = ["" if math.isnan(v) else f"{v:.2f}" for v in values]
         ax.bar_label(bars, labels=labels, fontsize=7, padding=1)
-    ax.set_xticks([i + width * (len(SUMMARY_BARS) - 1) / 2 for i in range(len(methods))], methods)
+    ax.set_xticks([i + width * (len(columns) - 1) / 2 for i in range(len(methods))], methods)
     ax.set_ylim(0.0, 1.1)
-    ax.set_ylabel("score")
+    ax.set_ylabel("token accuracy" if zsre else "score")
     models = sorted({str(row["model"]) for row in rows if row.get("model")})
     cases = sorted({int(row["n_cases"]) for row in rows if row.get("n_cases") is not None})
     details = ", ".join([*models, *(f"{n} cases" for n in cases)])
-    ax.set_title(f"CounterFact scores per method ({details})" if details else "Scores per method")
+    name = "zsRE accuracies" if zsre else "CounterFact scores"
+    ax.set_title(f"{name} per method ({details})" if details else f"{name} per method")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig

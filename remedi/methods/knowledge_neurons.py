@@ -3,7 +3,11 @@ MLP neurons that express a fact.
 
 A neuron is one unit of ``mlp_in`` (the input of the MLP output projection) at the prediction
 position (the last prompt token). Its attribution is the integrated gradient, from a zero
-baseline, of the target token's probability with respect to that unit. Activation-level
+baseline, of the target token's probability with respect to that unit. The target token is the
+first token of ``" " + target`` that carries text (:func:`remedi.tokens.first_text_token`): where
+a tokenizer puts a bare ``'▁'`` before it (Gemma, before digits), that bare token is appended to
+the prompt and the prediction position is the one after it, so that different answers do not all
+score the same bare token. Activation-level
 interventions (suppress, amplify) are context managers over :func:`remedi.hooks.intervene`;
 weight edits (update a fact, erase a relation) return an :class:`EditHandle` that restores
 the LM bitwise.
@@ -34,6 +38,7 @@ from remedi.models import LoadedModel
 from remedi.tokens import (
     encode_continuations,
     encode_prompts,
+    first_text_token,
     next_token_logits,
     prefix_cache,
     repeat_cache,
@@ -69,11 +74,10 @@ class KnowledgeNeurons:
 
 
 def _prompt_and_target(lm: LoadedModel, prompt: str, target: str) -> tuple[torch.Tensor, int]:
-    """Prompt token ids ``[1, n]`` as tokenised jointly with ``" " + target``, and the target's
-    first token id."""
-    batch = encode_continuations(lm.tokenizer, [prompt], [target])
-    n_prompt = int(batch.prompt_lengths[0])
-    return batch.input_ids[:, :n_prompt].to(lm.device), int(batch.target_ids[0, 0])
+    """Token ids ``[1, n]`` the target's first text-carrying token is predicted from, and that
+    token's id (see :func:`remedi.tokens.first_text_token`)."""
+    ids, token = first_text_token(lm.tokenizer, prompt, target)
+    return ids.to(lm.device), token
 
 
 def _last_token_logits(lm: LoadedModel, ids: torch.Tensor, cache: Any, rows: int) -> torch.Tensor:
@@ -93,8 +97,9 @@ def attribute(
     layers: Sequence[int] | None = None,
     progress: bool = False,
 ) -> torch.Tensor:
-    """Integrated-gradient attribution ``[num_layers, mlp_hidden_size]`` of ``target``'s first
-    token probability to each neuron at the last prompt token (layers not scored stay 0).
+    """Integrated-gradient attribution ``[num_layers, mlp_hidden_size]`` of the probability of
+    ``target``'s first text-carrying token to each neuron at the position that predicts it (the
+    last prompt token, or a bare token after it; layers not scored stay 0).
 
     For layer ``l`` with activation ``a``, the batch holds the ``steps`` scaled copies
     ``(k / steps) * a``, ``k = 1..steps``, one per row, in one forward/backward;
@@ -261,11 +266,11 @@ def answer_probs(
     factor: float | None = None,
     neurons: Sequence[Neuron] = (),
 ) -> torch.Tensor:
-    """P(first token of ``" " + target``) at each prompt's last token; with ``factor``, under
-    :func:`scaled` of ``neurons`` at that position."""
+    """P(first text-carrying token of ``" " + target``) at the position that predicts it; with
+    ``factor``, under :func:`scaled` of ``neurons`` at that position."""
     batch = encode_continuations(lm.tokenizer, prompts, targets).to(lm.device)
-    last = batch.last_prompt_index
-    first = batch.target_ids[:, 0]
+    last = batch.first_target_positions()
+    first = batch.first_target_ids()
     with torch.no_grad():
         if factor is None:
             logits = next_token_logits(lm.model, batch.input_ids, batch.attention_mask, last)
@@ -291,7 +296,7 @@ def relative_change(
 
 
 def _answer_embedding(lm: LoadedModel, target: str) -> torch.Tensor:
-    """Output embedding (unembedding row) of the first token of ``" " + target``."""
+    """Output embedding (unembedding row) of the first text-carrying token of ``" " + target``."""
     _, token = _prompt_and_target(lm, "", target)
     weight: torch.Tensor = lm.arch.unembed.weight  # type: ignore[assignment]
     return weight[token]
@@ -314,11 +319,12 @@ def update_fact(
 ) -> EditHandle:
     """Edit the neurons' value slots (column ``i`` of the ``[out, in]`` output projection):
     subtract ``lambda_old`` times the old answer's output embedding and add ``lambda_new`` times
-    the new one's, each rescaled to the slot's norm. Returns the handle that undoes it."""
+    the new one's, each rescaled to the slot's norm. Returns the handle that undoes it; if the
+    edit fails midway, the weights are restored before the error propagates."""
     old = _answer_embedding(lm, target_old)
     new = _answer_embedding(lm, target_new)
     handle = _backup_layers(lm, neurons)
-    with torch.no_grad():
+    with _restored_on_error(handle), torch.no_grad():
         for n in neurons:
             slot = lm.arch.mlp_out_weight(n.layer)[:, n.index]
             norm = slot.norm()
@@ -330,10 +336,22 @@ def update_fact(
     return handle
 
 
+@contextmanager
+def _restored_on_error(handle: EditHandle) -> Iterator[None]:
+    """Restore ``handle``'s parameters bitwise if the block raises (then re-raise), so that a
+    failed edit never leaves the LM half-written."""
+    try:
+        yield
+    except BaseException:
+        handle.restore()
+        raise
+
+
 def erase(lm: LoadedModel, neurons: Sequence[Neuron]) -> EditHandle:
-    """Zero the neurons' value slots; returns the handle that undoes it."""
+    """Zero the neurons' value slots; returns the handle that undoes it (restored before the
+    error propagates if the edit fails midway)."""
     handle = _backup_layers(lm, neurons)
-    with torch.no_grad():
+    with _restored_on_error(handle), torch.no_grad():
         for n in neurons:
             lm.arch.mlp_out_weight(n.layer)[:, n.index] = 0
     handle.info.update(method="kn-erase", neurons=[[n.layer, n.index] for n in neurons])

@@ -5,7 +5,12 @@
    subject token (the ROME objective, clamp 0.75 ‖z₀‖): the target hidden state z = z₀ + δ.
 2. For each edited layer in order: keys K (mean over context templates, current weights), the
    remaining residual R = (z − z_current) / (layers left), and the least-squares update
-   ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹ in float64, which minimises ‖(W + ΔW) K − (W K + R)‖² + λ tr(ΔW C ΔWᵀ).
+   ΔW = R Kᵀ (λ C + K Kᵀ)⁻¹, which minimises ‖(W + ΔW) K − (W K + R)‖² + λ tr(ΔW C ΔWᵀ).
+   It is computed from the cached C⁻¹ (:func:`remedi.methods.second_moment.inverse`) by the
+   push-through identity Kᵀ (λ C + K Kᵀ)⁻¹ = (λ I + Kᵀ C⁻¹ K)⁻¹ Kᵀ C⁻¹: an n × n solve for n
+   facts instead of a d × d one, in float64 on the LM's device (identity C: C⁻¹ K = K, no d × d
+   matrix at all). Keys and states of all facts are read in batched forward passes, one set
+   per layer.
 3. Where the block normalises the MLP output before adding it to the residual (Gemma 2/3), a
    residual change is not an MLP-output change: each layer's R is mapped through that norm
    (:func:`through_post_norm`), to the smallest MLP-output change whose normalised output comes
@@ -27,6 +32,7 @@ from tqdm.auto import tqdm
 
 from remedi.data import EditCase
 from remedi.hooks import Site
+from remedi.methods import second_moment
 from remedi.methods.requests import EditRequest, as_request
 from remedi.methods.rome import (
     RomeHyperParams,
@@ -34,9 +40,9 @@ from remedi.methods.rome import (
     default_layer,
     mlp_out_param,
     optimise_deltas,
-    subject_states,
+    request_states,
 )
-from remedi.methods.second_moment import SecondMoment, as_matrix
+from remedi.methods.second_moment import SecondMoment, float64_device
 from remedi.methods.weights import EditHandle, backup, param_name
 from remedi.models import LoadedModel
 
@@ -74,6 +80,8 @@ class MemitHyperParams:
     typical key's kᵀ(λC)⁻¹k, i.e. how much of its residual one layer takes, as on GPT-J."""
     request_batch: int = 16
     """Target states optimised together in one batch (same result as one at a time, faster)."""
+    forward_batch: int = 256
+    """Prompt rows per forward pass when reading every fact's keys and states at a layer."""
     optimise_dtype: str | None = "bfloat16"
     """dtype of the LM copy the target states are optimised on (see ``RomeHyperParams``)."""
 
@@ -88,13 +96,33 @@ def default_lambda(lm: LoadedModel) -> float:
 
 
 def least_squares_update(
-    keys: torch.Tensor, residuals: torch.Tensor, second_moment: torch.Tensor, weight: float
+    keys: torch.Tensor,
+    residuals: torch.Tensor,
+    second_moment: torch.Tensor | None,
+    weight: float,
+    *,
+    inverse: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """ΔW ``[out, in]`` = R Kᵀ (λ C + K Kᵀ)⁻¹ for keys ``[n, in]`` and residuals ``[n, out]``."""
-    k = keys.to("cpu", torch.float64).T
-    r = residuals.to("cpu", torch.float64).T
-    system = weight * second_moment.to(torch.float64) + k @ k.T
-    return torch.linalg.solve(system, k @ r.T).T
+    """ΔW ``[out, in]`` = R Kᵀ (λ C + K Kᵀ)⁻¹ for keys ``[n, in]`` and residuals ``[n, out]``,
+    in float64 (λ = ``weight``).
+
+    With ``inverse`` = C⁻¹, or identity C (both None), by the push-through identity
+    ΔW = R (λ I + Kᵀ C⁻¹ K)⁻¹ Kᵀ C⁻¹: O(n d²) for the product C⁻¹ K and an n × n solve, on
+    C⁻¹'s device (identity: the keys' device, no d × d matrix). With only ``second_moment`` = C,
+    the d × d system is solved directly (O(d³), kept for callers that hold only C).
+    """
+    if inverse is None and second_moment is not None:
+        k = keys.to(second_moment.device, torch.float64).T
+        r = residuals.to(second_moment.device, torch.float64).T
+        system = weight * second_moment.to(torch.float64) + k @ k.T
+        return torch.linalg.solve(system, k @ r.T).T
+    device = inverse.device if inverse is not None else float64_device(keys.device)
+    k = keys.to(device, torch.float64)
+    r = residuals.to(device, torch.float64)
+    whitened = k if inverse is None else k @ inverse  # rows kᵢᵀ C⁻¹ (C⁻¹ is symmetric)
+    gram = whitened @ k.T
+    gram.diagonal().add_(weight)
+    return torch.linalg.solve(gram, r).T @ whitened
 
 
 def through_post_norm(
@@ -135,7 +163,8 @@ def apply_edits(
 ) -> EditHandle:
     """Write all ``requests`` at once; the handle restores every edited projection.
 
-    ``stats`` maps each edited layer to its second moment C (None: identity for all layers).
+    ``stats`` maps each edited layer to its second moment C (None: identity for all layers);
+    each C⁻¹ is computed once and cached (:func:`remedi.methods.second_moment.inverse`).
     """
     start = time.perf_counter()
     hp = hparams or MemitHyperParams()
@@ -148,8 +177,9 @@ def apply_edits(
         missing = [layer for layer in layers if layer not in stats]
         if missing:
             raise ValueError(f"stats lack layer(s) {missing}")
-    matrices = {
-        layer: as_matrix(None if stats is None else stats[layer], width) for layer in layers
+    inverses = {
+        layer: second_moment.inverse(None if stats is None else stats[layer], lm.device, width)
+        for layer in layers
     }
     lam = hp.mom2_weight if hp.mom2_weight is not None else default_lambda(lm)
     templates = context_templates(hp.n_context)
@@ -165,35 +195,32 @@ def apply_edits(
         optimise_dtype=hp.optimise_dtype,
     )
 
-    targets = []
-    steps = []
+    deltas, steps = [], []
     chunks = [reqs[i : i + hp.request_batch] for i in range(0, len(reqs), hp.request_batch)]
     with tqdm(total=len(reqs), desc="memit: target states", disable=not progress) as bar:
         for chunk in chunks:
             results = optimise_deltas(lm, z_site, chunk, templates, rome_hp)
-            for req, result in zip(chunk, results, strict=True):
-                z0 = subject_states(lm, [z_site], req, templates)[z_site]
-                targets.append(z0 + result.delta)
-                steps.append(result.steps)
+            deltas += [result.delta for result in results]
+            steps += [result.steps for result in results]
             bar.update(len(chunk))
-    target_z = torch.stack(targets)
 
     names = [param_name(lm.model, mlp_out_param(lm, layer)) for layer in layers]
     handle = backup(lm.model, names)
     try:
         for i, layer in enumerate(tqdm(layers, desc="memit: layers", disable=not progress)):
             key_site, out_site = Site("mlp_in", layer), Site("mlp", layer)
-            keys, current, outputs = [], [], []
-            for req in reqs:
-                states = subject_states(lm, [key_site, out_site, z_site], req, templates)
-                keys.append(states[key_site])
-                current.append(states[z_site])
-                outputs.append(states[out_site])
-            residuals = (target_z - torch.stack(current)) / (len(layers) - i)
+            states = request_states(
+                lm, [key_site, out_site, z_site], reqs, templates, hp.forward_batch
+            )
+            if i == 0:  # no layer written yet: the current states are z₀
+                target_z = states[z_site] + torch.stack(deltas).to(states[z_site])
+            residuals = (target_z - states[z_site]) / (len(layers) - i)
             norm = lm.arch.post_mlp_norm(layer)
             if norm is not None:
-                residuals = through_post_norm(norm, torch.stack(outputs), residuals)
-            update = least_squares_update(torch.stack(keys), residuals, matrices[layer], lam)
+                residuals = through_post_norm(norm, states[out_site], residuals)
+            update = least_squares_update(
+                states[key_site], residuals, None, lam, inverse=inverses[layer]
+            )
             weight = lm.arch.mlp_out_weight(layer)
             with torch.no_grad():
                 weight.add_(update.to(weight.device, weight.dtype))

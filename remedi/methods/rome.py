@@ -11,7 +11,11 @@ Choices (recorded in ``handle.info``):
 - δ is optimised on the tokens from the last subject token on: the tokens before it are run once
   into a KV cache, each step runs only the rest, with logits only at the scored positions;
 - δ is optimised on a cached bfloat16 copy of a float32 LM (``optimise_dtype``; 2.3x faster on
-  CPU, same edit quality), while k*, W k* and the update itself use the LM's own weights.
+  CPU, same edit quality), while k*, W k* and the update itself use the LM's own weights;
+- the update runs on the LM's device in float64 from the cached inverse C⁻¹
+  (:func:`remedi.methods.second_moment.inverse`): one d × d matrix-vector product per edit;
+  without statistics (identity C) it is δ k*ᵀ / (k*ᵀ k*) and no d × d matrix is built. It is
+  written into the weight in the weight's dtype.
 """
 
 from __future__ import annotations
@@ -29,8 +33,9 @@ from transformers import DynamicCache
 
 from remedi.data import EditCase
 from remedi.hooks import Site, add_at, intervene
+from remedi.methods import second_moment
 from remedi.methods.requests import EditRequest, as_request
-from remedi.methods.second_moment import SecondMoment, as_matrix
+from remedi.methods.second_moment import SecondMoment, float64_device
 from remedi.methods.weights import EditHandle, backup, param_name
 from remedi.models import LoadedModel, resolve_dtype
 from remedi.models.cast_copy import cast_copy
@@ -232,13 +237,35 @@ def subject_states(
     lm: LoadedModel, sites: Sequence[Site], request: EditRequest, templates: Sequence[str]
 ) -> dict[Site, torch.Tensor]:
     """Mean over templates of each site's state at the last subject token (float32)."""
-    prompts = [t.replace("{}", request.rewrite_prompt) for t in templates]
-    batch = encode_prompts(lm.tokenizer, prompts, [request.subject] * len(prompts)).to(lm.device)
+    states = request_states(lm, sites, [request], templates)
+    return {site: state[0] for site, state in states.items()}
+
+
+def request_states(
+    lm: LoadedModel,
+    sites: Sequence[Site],
+    requests: Sequence[EditRequest],
+    templates: Sequence[str],
+    batch_rows: int = 256,
+) -> dict[Site, torch.Tensor]:
+    """:func:`subject_states` of many requests, ``[n_requests, width]`` per site (float32), in
+    forward passes of up to ``batch_rows`` prompts (one pass for all requests when they fit)."""
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows must be at least 1, got {batch_rows}")
+    prompts = [t.replace("{}", r.rewrite_prompt) for r in requests for t in templates]
+    subjects = [r.subject for r in requests for _ in templates]
     deepest = max(sites, key=_depth)
-    with torch.no_grad(), intervene(lm.arch, record=sites, stop_after=deepest) as states:
-        lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    rows = torch.arange(len(prompts), device=lm.device)
-    return {s: states[s][rows, batch.subject_last].float().mean(0) for s in sites}
+    parts: dict[Site, list[torch.Tensor]] = {site: [] for site in sites}
+    for first in range(0, len(prompts), batch_rows):
+        rows = slice(first, first + batch_rows)
+        batch = encode_prompts(lm.tokenizer, prompts[rows], subjects[rows]).to(lm.device)
+        with torch.no_grad(), intervene(lm.arch, record=sites, stop_after=deepest) as states:
+            lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        index = torch.arange(batch.input_ids.shape[0], device=lm.device)
+        for site in sites:
+            parts[site].append(states[site][index, batch.subject_last].float())
+    n_t = len(templates)
+    return {site: torch.cat(parts[site]).reshape(len(requests), n_t, -1).mean(1) for site in sites}
 
 
 def subject_keys(
@@ -385,12 +412,30 @@ def optimisation_model(lm: LoadedModel, dtype: str | None) -> LoadedModel:
 
 
 def rank_one_update(
-    weight: torch.Tensor, key: torch.Tensor, delta: torch.Tensor, second_moment: torch.Tensor
+    weight: torch.Tensor,
+    key: torch.Tensor,
+    delta: torch.Tensor,
+    second_moment: torch.Tensor | None = None,
+    *,
+    inverse: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """ΔW ([out, in]) with (W + ΔW) k* = W k* + δ, whitened by C: δ (C⁻¹k*)ᵀ / (k*ᵀ C⁻¹ k*)."""
-    k = key.to("cpu", torch.float64)
-    left = torch.linalg.solve(second_moment, k)
-    update = torch.outer(delta.to("cpu", torch.float64), left) / torch.dot(k, left)
+    """ΔW ([out, in]) with (W + ΔW) k* = W k* + δ, whitened by C: δ (C⁻¹k*)ᵀ / (k*ᵀ C⁻¹ k*).
+
+    Pass ``inverse`` = C⁻¹ (:func:`remedi.methods.second_moment.inverse`): one matrix-vector
+    product, in float64 where C⁻¹ lives. ``second_moment`` = C solves C x = k* directly (O(d³),
+    kept for callers that hold only C); neither: identity C, δ k*ᵀ / (k*ᵀ k*), no d × d matrix.
+    The result is in ``weight``'s dtype and on its device.
+    """
+    if inverse is not None:
+        k = key.to(inverse.device, torch.float64)
+        left = inverse @ k
+    elif second_moment is not None:
+        k = key.to(second_moment.device, torch.float64)
+        left = torch.linalg.solve(second_moment.to(torch.float64), k)
+    else:
+        k = key.to(float64_device(weight.device), torch.float64)
+        left = k
+    update = torch.outer(delta.to(k.device, torch.float64), left) / torch.dot(k, left)
     return update.to(weight.device, weight.dtype)
 
 
@@ -403,7 +448,8 @@ def apply_edit(
 ) -> EditHandle:
     """Rewrite one fact with ROME; the returned handle restores the original weight.
 
-    ``stats`` is the layer's second moment C (None: identity, an unwhitened rank-one update).
+    ``stats`` is the layer's second moment C (None: identity, an unwhitened rank-one update);
+    its inverse is computed once and cached (:func:`remedi.methods.second_moment.inverse`).
     ``layer`` overrides ``hparams.layer``.
     """
     start = time.perf_counter()
@@ -413,14 +459,13 @@ def apply_edit(
     layer = lm.arch.check_layer(chosen if chosen is not None else default_layer(lm))
     if hp.clamp is None:
         hp = replace(hp, clamp=default_clamp(lm))
-    width = lm.arch.mlp_hidden_size
-    second_moment = as_matrix(stats, width)
+    inverse = second_moment.inverse(stats, lm.device, lm.arch.mlp_hidden_size)
     templates = context_templates(hp.n_context)
 
     key = subject_keys(lm, [layer], req, templates)[layer]
     result = optimise_delta(lm, Site("mlp", layer), req, templates, hp)
     weight = lm.arch.mlp_out_weight(layer)
-    update = rank_one_update(weight, key, result.delta, second_moment)
+    update = rank_one_update(weight, key, result.delta, inverse=inverse)
     handle = backup(lm.model, [param_name(lm.model, mlp_out_param(lm, layer))])
     with torch.no_grad():
         value = weight.detach().float() @ key + result.delta

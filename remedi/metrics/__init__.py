@@ -1,49 +1,63 @@
-"""Metrics shared by every method: the CounterFact scores and generation metrics."""
+"""Metrics shared by every method: CounterFact scores, zsRE accuracies and generation metrics."""
 
 from remedi.metrics.counterfact import (
     METRIC_NAMES,
-    EditContext,
-    ScoredRow,
+    SCORE_NAMES,
     case_metrics,
     case_rows,
     evaluate_cases,
     harmonic_mean,
+    metric_names,
     row_probabilities,
     summarize,
 )
 from remedi.metrics.generation import (
+    GENERATION_LENGTHS,
     GENERATION_METRIC_NAMES,
     GenerationEdit,
+    GenerationLength,
     case_samples,
-    fit_idf,
     generate_samples,
     generation_metrics,
     ngram_entropy,
+    reference_corpus,
     reference_texts,
+    reference_vectorizer,
     summarize_generation,
     text_entropy,
     tfidf_cosine,
 )
+from remedi.metrics.rows import EditContext, ScoredRow
+from remedi.metrics.zsre import ZSRE_METRIC_NAMES, evaluate_zsre, row_accuracies, zsre_rows
 
 __all__ = [
+    "GENERATION_LENGTHS",
     "GENERATION_METRIC_NAMES",
     "METRIC_NAMES",
+    "SCORE_NAMES",
+    "ZSRE_METRIC_NAMES",
     "EditContext",
     "GenerationEdit",
+    "GenerationLength",
     "ScoredRow",
     "case_metrics",
     "case_rows",
     "case_samples",
     "evaluate_cases",
-    "fit_idf",
+    "evaluate_zsre",
     "generate_samples",
     "generation_metrics",
     "harmonic_mean",
+    "metric_names",
     "ngram_entropy",
+    "reference_corpus",
     "reference_texts",
+    "reference_vectorizer",
+    "row_accuracies",
     "row_probabilities",
     "summarize",
     "summarize_generation",
     "text_entropy",
     "tfidf_cosine",
+    "zsre_rows",
 ]

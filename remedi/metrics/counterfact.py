@@ -1,32 +1,44 @@
 """CounterFact metrics (efficacy, paraphrase, neighborhood and their harmonic mean), used by every
-method so that their numbers sit in one table.
+method so that their numbers sit in one table; :func:`evaluate_cases` also scores zsRE cases, with
+zsRE's own metrics (:mod:`remedi.metrics.zsre`), chosen by each case's ``benchmark``.
 
-A method is scored through an *edit context*: a callable that takes the
-:class:`~remedi.tokens.ContinuationBatch` about to be run (with the :class:`ScoredRow` each row
-belongs to) and returns a context manager under which the LM behaves as edited. Weight editors
-(ROME, MEMIT, FT, KN) apply their edit once around the whole call and pass ``edit=None``;
-activation editors (REMEDI) return hooks that depend on the rows' token positions.
+Rows are run under an edit context (see :mod:`remedi.metrics.rows`).
 """
 
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import torch
 from torch import nn
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from remedi.data.cases import EditCase
-from remedi.tokens import ContinuationBatch, encode_continuations, score_continuations
+from remedi.data.cases import Benchmark, EditCase
+from remedi.metrics.rows import EditContext, RowKind, ScoredRow, scored_chunks
+from remedi.metrics.zsre import ZSRE_METRIC_NAMES, evaluate_zsre
 
-RowKind = Literal["rewrite", "paraphrase", "neighborhood"]
+__all__ = [
+    "METRIC_NAMES",
+    "SCORE_NAMES",
+    "EditContext",
+    "RowKind",
+    "ScoredRow",
+    "Scoring",
+    "case_metrics",
+    "case_rows",
+    "evaluate_cases",
+    "harmonic_mean",
+    "metric_names",
+    "row_probabilities",
+    "summarize",
+]
+
 Scoring = Literal["mean", "first"]
-"""``mean``: P = exp(mean log-prob of all target tokens) (CounterFact); ``first``: the first
-target token's probability (as REMEDI's reference evaluation does)."""
+"""``mean``: P = exp(mean log-prob of all target tokens) (CounterFact); ``first``: the
+probability of the target's first token that carries text (as REMEDI's reference evaluation
+scores the first token; see :meth:`remedi.tokens.ContinuationBatch.first_target_ids`)."""
 SCORE_NAMES = ("efficacy_score", "paraphrase_score", "neighborhood_score")
 METRIC_NAMES = (
     "efficacy_score",
@@ -39,35 +51,29 @@ METRIC_NAMES = (
 )
 
 
-@dataclass(frozen=True)
-class ScoredRow:
-    """One prompt to score: which case and kind it belongs to, and its subject if it has one."""
-
-    case_index: int
-    kind: RowKind
-    prompt: str
-    subject: str | None
-    target: str
-
-
-EditContext = Callable[[ContinuationBatch, Sequence[ScoredRow]], AbstractContextManager[object]]
+def metric_names(benchmark: Benchmark) -> tuple[str, ...]:
+    """The table columns of one benchmark's metrics."""
+    return ZSRE_METRIC_NAMES if benchmark == "zsre" else METRIC_NAMES
 
 
 def case_rows(case: EditCase, case_index: int = 0) -> list[ScoredRow]:
-    """The rows that score one case: each prompt with target_new and with the true object."""
+    """The rows that score one case: each prompt with target_new and with the true object.
+
+    The rewrite row locates the subject where the template's ``{}`` is."""
     assert case.target_new is not None, f"case {case.case_id} has no target_new to score"
     rows: list[ScoredRow] = []
-    prompts: list[tuple[RowKind, str, str | None, str]] = [
-        ("rewrite", case.rewrite_prompt, case.subject, case.target_true),
-        *(("paraphrase", p, case.subject, case.target_true) for p in case.paraphrase_prompts),
+    prompts: list[tuple[RowKind, str, str | None, str, int | None]] = [
+        ("rewrite", case.rewrite_prompt, case.subject, case.target_true, case.subject_start),
+        *(("paraphrase", p, case.subject, case.target_true, None) for p in case.paraphrase_prompts),
     ]
     truths = case.neighborhood_targets or [case.target_true] * len(case.neighborhood_prompts)
     prompts += [
-        ("neighborhood", p, None, t) for p, t in zip(case.neighborhood_prompts, truths, strict=True)
+        ("neighborhood", p, None, t, None)
+        for p, t in zip(case.neighborhood_prompts, truths, strict=True)
     ]
-    for kind, prompt, subject, truth in prompts:
+    for kind, prompt, subject, truth, start in prompts:
         for target in (case.target_new, truth):
-            rows.append(ScoredRow(case_index, kind, prompt, subject, target))
+            rows.append(ScoredRow(case_index, kind, prompt, subject, target, start))
     return rows
 
 
@@ -82,22 +88,11 @@ def row_probabilities(
     """Probability of each row's target after its prompt (see :data:`Scoring`)."""
     if scoring not in ("mean", "first"):
         raise ValueError(f"scoring {scoring!r} must be 'mean' or 'first'")
-    probs: list[torch.Tensor] = []
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        subjects = [r.subject for r in chunk]
-        batch = encode_continuations(
-            tokenizer,
-            [r.prompt for r in chunk],
-            [r.target for r in chunk],
-            subjects=None if None in subjects else subjects,  # type: ignore[arg-type]
-        )
-        context = nullcontext() if edit is None else edit(batch, chunk)
-        with torch.no_grad(), context:
-            scores = score_continuations(model, batch)
-            prob = scores.mean_prob if scoring == "mean" else scores.first.exp()
-            probs.append(prob.float().cpu())
-    return torch.cat(probs) if probs else torch.zeros(0)
+    probs = torch.zeros(len(rows))
+    for indices, scores in scored_chunks(model, tokenizer, rows, edit, batch_size):
+        prob = scores.mean_prob if scoring == "mean" else scores.first.exp()
+        probs[indices] = prob.float().cpu()
+    return probs
 
 
 def case_metrics(rows: Sequence[ScoredRow], probs: torch.Tensor) -> list[dict[str, float]]:
@@ -135,12 +130,15 @@ def harmonic_mean(values: Iterable[float]) -> float:
 
 
 def summarize(per_case: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Mean of each metric over cases, plus ``score`` = harmonic mean of the three scores."""
+    """Mean of each metric over the cases that have it; for CounterFact cases also ``score`` =
+    the harmonic mean of the three scores (zsRE tables have no such summary)."""
     summary: dict[str, float] = {}
-    for name in METRIC_NAMES[:-1]:
+    for name in (*METRIC_NAMES[:-1], *ZSRE_METRIC_NAMES):
         values = [m[name] for m in per_case if name in m]
         if values:
             summary[name] = sum(values) / len(values)
+    if any(n in summary for n in ZSRE_METRIC_NAMES) and not any(n in summary for n in SCORE_NAMES):
+        return summary
     present = [summary[n] for n in SCORE_NAMES if n in summary]
     summary["score"] = harmonic_mean(present) if len(present) == len(SCORE_NAMES) else 0.0
     return summary
@@ -154,8 +152,22 @@ def evaluate_cases(
     batch_size: int = 32,
     scoring: Scoring = "mean",
 ) -> tuple[dict[str, float], list[dict[str, float]]]:
-    """Score ``cases`` under ``edit`` (None: the model as it is); return summary, per-case."""
-    rows = [row for i, case in enumerate(cases) for row in case_rows(case, i)]
-    probs = row_probabilities(model, tokenizer, rows, edit, batch_size, scoring)
-    per_case = case_metrics(rows, probs)
+    """Score ``cases`` under ``edit`` (None: the model as it is); return summary, per-case.
+
+    Each case is scored by its benchmark's metrics: CounterFact's probability comparisons, or
+    zsRE's token accuracies (:func:`remedi.metrics.zsre.evaluate_zsre`; ``scoring`` does not
+    apply to them). The ``case_index`` of every row is the case's index in ``cases``.
+    """
+    per_case: list[dict[str, float]] = [{} for _ in cases]
+    counterfact = [i for i, c in enumerate(cases) if c.benchmark != "zsre"]
+    zsre = [i for i, c in enumerate(cases) if c.benchmark == "zsre"]
+    if counterfact:
+        rows = [row for i in counterfact for row in case_rows(cases[i], i)]
+        probs = row_probabilities(model, tokenizer, rows, edit, batch_size, scoring)
+        for i, metrics in zip(counterfact, case_metrics(rows, probs), strict=True):
+            per_case[i] = metrics
+    if zsre:
+        scored = evaluate_zsre(model, tokenizer, [cases[i] for i in zsre], zsre, edit, batch_size)
+        for i, metrics in zip(zsre, scored, strict=True):
+            per_case[i] = metrics
     return summarize(per_case), per_case

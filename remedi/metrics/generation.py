@@ -1,11 +1,15 @@
 """CounterFact generation metrics (METHODS.md §8): generation entropy GE and reference score RS.
 
-Samples. Each of a case's ``generation_prompts`` is continued by ``max_new_tokens`` (100) tokens
-sampled with top-k = 5 (temperature 1, no top-p, no repetition penalty; end-of-text suppressed so
-every sample has the full length) from a fixed torch seed per case, so runs repeat and every method
-draws from the same random stream. A case's prompts form one left-padded batch. The text of a
-sample is its prompt followed by the continuation, as ROME's ``generate_fast`` returns it; text put
-before the prompt only to condition the LM (the ``prefix`` baseline's context) is not part of it.
+Samples. Each of a case's ``generation_prompts`` is continued by tokens sampled with top-k = 5
+(temperature 1, no top-p, no repetition penalty; end-of-text suppressed so every sample has the
+full length) from a fixed torch seed per case, so runs repeat and every method draws from the same
+random stream. A case's prompts form one left-padded batch. The text of a sample is its prompt
+followed by the continuation, as ROME's ``generate_fast`` returns it; text put before the prompt
+only to condition the LM (the ``prefix`` baseline's context) is not part of it. Length
+(:data:`GenerationLength`): ``total`` (the default, ROME's protocol: ``generate_fast(...,
+max_out_len=100)`` caps the whole text, prompt included, at 100 tokens, so a prompt of n tokens
+gets 100 - n new ones) or ``new`` (100 new tokens after every prompt, whatever its length). Prompt
+tokens are counted without special tokens such as ``<bos>``.
 
 GE (fluency). A text is split into words and punctuation marks (``\\w+|[^\\w\\s]``, close to
 ``nltk.word_tokenize``); for n = 2 and 3, H_n is the entropy in bits of the text's n-gram frequency
@@ -15,13 +19,12 @@ distribution, and GE = mean(2/3 * H_2, 4/3 * H_3), ROME's ``n_gram_entropy`` (RO
 RS (consistency). ROME compares the samples with Wikipedia snippets about target_new, which are
 not available offline; here a case's reference texts are ``f"{prompt} {target_new}"`` for each of
 its ``attribute_prompts`` (prompts about other subjects whose true object is target_new), i.e.
-statements of target_new as an attribute. TF-IDF as scikit-learn's default ``TfidfVectorizer``:
-lower-cased words of two or more word characters, raw counts times the smoothed idf
-ln((1 + N) / (1 + df)) + 1, L2-normalised; words outside the fitted vocabulary are ignored. The idf
-is fitted on a corpus whose documents are every reference text and every sample of the evaluated
-cases (of one method, so a method's RS does not depend on which other methods ran). A case's RS is
-the cosine between the tf-idf vector of all its samples joined and of all its references joined
-(ROME's ``tfidf_similarity``); cases without attribute prompts have no RS.
+statements of target_new as an attribute. A case's RS is the cosine between the tf-idf vector of
+all its samples joined and of all its references joined (ROME's ``tfidf_similarity``); cases
+without attribute prompts have no RS. The tf-idf vectoriser is one fixed scikit-learn
+``TfidfVectorizer`` (default settings: lower-cased words of two or more word characters, smoothed
+idf, L2-normalised rows; words outside its vocabulary are ignored), the same for every method and
+every run: see :func:`reference_vectorizer` for its corpus.
 """
 
 from __future__ import annotations
@@ -29,25 +32,30 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import TYPE_CHECKING
+from functools import cache
+from typing import TYPE_CHECKING, Literal
 
 import torch
+from sklearn.feature_extraction.text import TfidfVectorizer
 
 from remedi.data.cases import EditCase
-from remedi.tokens import PromptBatch, encode_prompts, generate_continuations
+from remedi.tokens import PromptBatch, decode_rows, encode_prompts, generate_new_tokens
 
 if TYPE_CHECKING:
     from remedi.models import LoadedModel
 
 GENERATION_METRIC_NAMES = ("generation_entropy", "reference_score")
+GenerationLength = Literal["total", "new"]
+"""``total``: the sample, prompt included, is at most ``max_tokens`` tokens long (ROME's
+protocol, the default for CounterFact tables); ``new``: ``max_tokens`` new tokens per prompt."""
+GENERATION_LENGTHS: tuple[GenerationLength, ...] = ("total", "new")
 
 GenerationEdit = Callable[[PromptBatch], AbstractContextManager[object]]
 """Given the left-padded prompts about to be continued, a context under which the LM is edited."""
 
 _WORD_OR_MARK = re.compile(r"\w+|[^\w\s]")
-_TFIDF_WORD = re.compile(r"\b\w\w+\b")
 
 
 def words(text: str) -> list[str]:
@@ -82,33 +90,48 @@ def text_entropy(text: str) -> float:
     return ngram_entropy(words(text))
 
 
-def tfidf_terms(text: str) -> list[str]:
-    """Lower-cased words of two or more word characters (scikit-learn's default analyser)."""
-    return _TFIDF_WORD.findall(text.lower())
+def reference_corpus() -> list[str]:
+    """The documents the reference vectoriser is fitted on: every statement the built-in facts
+    make (all splits), one document each: each rewrite, paraphrase and neighborhood prompt
+    completed with its true object, and each case's :func:`reference_texts`."""
+    from remedi.data.builtin_facts import load_builtin
+
+    documents: list[str] = []
+    for case in load_builtin():
+        truths = case.neighborhood_targets or [case.target_true] * len(case.neighborhood_prompts)
+        documents += [
+            f"{p} {case.target_true}" for p in (case.rewrite_prompt, *case.paraphrase_prompts)
+        ]
+        documents += [f"{p} {t}" for p, t in zip(case.neighborhood_prompts, truths, strict=True)]
+        documents += reference_texts(case)
+    return documents
 
 
-def fit_idf(documents: Iterable[str]) -> dict[str, float]:
-    """Smoothed inverse document frequency ln((1 + N) / (1 + df)) + 1 of every term."""
-    df: Counter[str] = Counter()
-    n = 0
-    for document in documents:
-        n += 1
-        df.update(set(tfidf_terms(document)))
-    return {term: math.log((1 + n) / (1 + count)) + 1 for term, count in df.items()}
+@cache
+def reference_vectorizer() -> TfidfVectorizer:
+    """The one tf-idf vectoriser of the reference score: scikit-learn's ``TfidfVectorizer``
+    with its default settings, fitted once per process on :func:`reference_corpus`.
+
+    Why this corpus: RS compares samples with statements of facts, and these are statements of
+    facts of the same kind (ROME fitted its idf on its reference snippets too); it is shipped
+    with remedi, so it is offline and the same for every method and every run, unlike an idf
+    fitted on each method's own samples; and its vocabulary holds the subjects and objects of
+    the built-in facts, the default data. The Python documentation (the default corpus of the
+    second-moment statistics) was not chosen: its vocabulary lacks most entity names, so the
+    very words RS must notice (the new object) would be ignored. Words of other datasets that
+    are not in this vocabulary are ignored likewise: RS on them rests on the shared words.
+    """
+    vectorizer = TfidfVectorizer()
+    vectorizer.fit(reference_corpus())
+    return vectorizer
 
 
-def tfidf_vector(text: str, idf: dict[str, float]) -> dict[str, float]:
-    """L2-normalised tf-idf of ``text`` as a sparse dict (empty when no term is in ``idf``)."""
-    counts = Counter(t for t in tfidf_terms(text) if t in idf)
-    vector = {t: c * idf[t] for t, c in counts.items()}
-    norm = math.sqrt(sum(v * v for v in vector.values()))
-    return {t: v / norm for t, v in vector.items()} if norm > 0 else {}
-
-
-def tfidf_cosine(text_a: str, text_b: str, idf: dict[str, float]) -> float:
-    """Cosine similarity of the tf-idf vectors of two texts (0 when either has no known term)."""
-    a, b = tfidf_vector(text_a, idf), tfidf_vector(text_b, idf)
-    return sum(v * b[t] for t, v in a.items() if t in b)
+def tfidf_cosine(text_a: str, text_b: str, vectorizer: TfidfVectorizer | None = None) -> float:
+    """Cosine similarity of the tf-idf vectors of two texts (0 when either has no known word);
+    default vectoriser: :func:`reference_vectorizer`."""
+    vec = vectorizer if vectorizer is not None else reference_vectorizer()
+    rows = vec.transform([text_a, text_b])
+    return float(rows[0].multiply(rows[1]).sum())
 
 
 def reference_texts(case: EditCase) -> list[str]:
@@ -119,55 +142,78 @@ def reference_texts(case: EditCase) -> list[str]:
     return [f"{prompt} {target}" for prompt in case.attribute_prompts]
 
 
+def new_token_counts(
+    lm: LoadedModel, prompts: Sequence[str], max_tokens: int, length: GenerationLength
+) -> list[int]:
+    """New tokens each prompt's sample gets (see :data:`GenerationLength`); 0 when a prompt
+    alone reaches ``max_tokens`` under ``total``."""
+    if length not in GENERATION_LENGTHS:
+        raise ValueError(f"length {length!r} must be one of {', '.join(GENERATION_LENGTHS)}")
+    if length == "new":
+        return [max_tokens] * len(prompts)
+    sizes = [len(lm.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    return [max(0, max_tokens - n) for n in sizes]
+
+
 @torch.no_grad()
 def generate_samples(
     lm: LoadedModel,
     prompts: Sequence[str],
     subjects: Sequence[str],
-    max_new_tokens: int = 100,
+    max_tokens: int = 100,
     top_k: int = 5,
     seed: int = 0,
     edit: GenerationEdit | None = None,
     context: str = "",
+    length: GenerationLength = "total",
 ) -> list[str]:
-    """``prompt + continuation`` for each prompt, sampled top-k from the LM under ``edit``.
+    """``prompt + continuation`` for each prompt, sampled top-k from the LM under ``edit``, each
+    ``max_tokens`` tokens long in all (``length="total"``, ROME's protocol) or with
+    ``max_tokens`` new tokens (``length="new"``).
 
     ``context`` is put before every prompt to condition the LM and left out of the returned
-    texts; ``subjects`` (one per prompt) locate the subject tokens that ``edit`` may act on. The
-    global RNG is left as it was.
+    texts and of the token count; ``subjects`` (one per prompt) locate the subject tokens that
+    ``edit`` may act on. Prompts of one call are sampled as one batch for as many steps as the
+    shortest needs, each then cut to its own count. The global RNG is left as it was.
     """
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
     if not prompts:
         return []
+    counts = new_token_counts(lm, prompts, max_tokens, length)
+    steps = max(counts)
+    if steps == 0:
+        return list(prompts)
     batch = encode_prompts(
         lm.tokenizer, [context + p for p in prompts], subjects, padding_side="left"
     ).to(lm.device)
     devices = [lm.device] if lm.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), edit(batch) if edit else nullcontext():
         torch.manual_seed(seed)
-        continuations = generate_continuations(
+        new_ids = generate_new_tokens(
             lm.model,
             lm.tokenizer,
             batch,
-            max_new_tokens,
+            steps,
             do_sample=True,
             top_k=top_k,
             top_p=1.0,
             temperature=1.0,
             repetition_penalty=1.0,
-            min_new_tokens=max_new_tokens,
+            min_new_tokens=steps,
         )
+    continuations = decode_rows(lm.tokenizer, new_ids, counts)
     return [p + c for p, c in zip(prompts, continuations, strict=True)]
 
 
 def case_samples(
     lm: LoadedModel,
     case: EditCase,
-    max_new_tokens: int = 100,
+    max_tokens: int = 100,
     seed: int = 0,
     edit: GenerationEdit | None = None,
     context: str = "",
+    length: GenerationLength = "total",
 ) -> list[str]:
     """Samples of all of ``case``'s generation prompts (which must mention its subject)."""
     prompts = list(case.generation_prompts)
@@ -175,36 +221,36 @@ def case_samples(
         lm,
         prompts,
         [case.subject] * len(prompts),
-        max_new_tokens=max_new_tokens,
+        max_tokens=max_tokens,
         seed=seed,
         edit=edit,
         context=context,
+        length=length,
     )
 
 
 def generation_metrics(
     cases: Sequence[EditCase],
     samples: Sequence[Sequence[str]],
-    corpus: Iterable[str] | None = None,
+    vectorizer: TfidfVectorizer | None = None,
 ) -> list[dict[str, float]]:
     """Per case ``generation_entropy`` and ``reference_score`` of its ``samples``.
 
-    The idf is fitted on ``corpus`` (default: every reference text and sample given). A case with
-    no samples gets neither metric; one without reference texts gets no reference_score.
+    The tf-idf vectoriser defaults to :func:`reference_vectorizer`, the same for every method.
+    A case with no samples gets neither metric; one without reference texts gets no
+    reference_score.
     """
     if len(cases) != len(samples):
         raise ValueError(f"{len(cases)} cases but {len(samples)} lists of samples")
-    references = [reference_texts(case) for case in cases]
-    if corpus is None:
-        corpus = [text for group in (*references, *samples) for text in group]
-    idf = fit_idf(corpus)
+    vec = vectorizer if vectorizer is not None else reference_vectorizer()
     per_case: list[dict[str, float]] = []
-    for texts, refs in zip(samples, references, strict=True):
+    for case, texts in zip(cases, samples, strict=True):
+        refs = reference_texts(case)
         metrics: dict[str, float] = {}
         if texts:
             metrics["generation_entropy"] = sum(map(text_entropy, texts)) / len(texts)
             if refs:
-                metrics["reference_score"] = tfidf_cosine(" ".join(texts), " ".join(refs), idf)
+                metrics["reference_score"] = tfidf_cosine(" ".join(texts), " ".join(refs), vec)
         per_case.append(metrics)
     return per_case
 
