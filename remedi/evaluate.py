@@ -20,6 +20,11 @@ also sampled under the method's edit of that case, adding generation entropy and
 sample is 100 tokens long in all, prompt included (ROME's protocol; ``--generation-length new``
 samples 100 new tokens instead).
 
+Every row names its protocol (metric family, scoring, generation settings, ROME/MEMIT's
+statistics source, dtype and model; see :mod:`remedi.protocol`) and ``summary.md`` states it
+under the table. ``--append`` adds this run's rows to the table already in ``--output``, and
+refuses (before loading the model) when their protocols differ, unless ``--mixed-protocols``.
+
 zsRE data (MEND's zsRE layout, or a flattened file whose locality prompts are Natural Questions
 with their own answers) is scored with zsRE's metrics instead (:mod:`remedi.metrics.zsre`): the
 table's columns are efficacy_accuracy, paraphrase_accuracy and specificity_accuracy (teacher-forced
@@ -30,6 +35,7 @@ top-1 token accuracy; specificity on the edited model, as ROME and MEMIT report 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import statistics
@@ -43,6 +49,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from remedi import evaluate_config, protocol
 from remedi.allocator import release_freed_memory
 from remedi.atomic import write_text
 from remedi.cli import (
@@ -60,7 +67,7 @@ from remedi.cli import (
     quiet_warnings,
 )
 from remedi.data import SPLITS, EditCase, load_builtin, load_cases
-from remedi.methods.registry import MethodResult, prefix_case, score_method
+from remedi.methods.registry import STATS_METHODS, MethodResult, prefix_case, score_method
 from remedi.metrics import (
     GENERATION_LENGTHS,
     GENERATION_METRIC_NAMES,
@@ -106,6 +113,8 @@ examples:
   python -m remedi.evaluate --method none --method mend --method ke --data builtin \\
       --checkpoint mend=checkpoints/mend/quickstart/last.ckpt \\
       --checkpoint ke=checkpoints/ke/quickstart/last.ckpt --output runs/eval-learned
+  python -m remedi.evaluate --method memit --data builtin --output runs/eval --append
+  python -m remedi.evaluate --config configs/evaluate/quick.yaml --rome.clamp 4 --print_config
 
 --data: builtin[:train|validation|test] (the built-in facts; builtin alone is the test split) or
 a .json file (a list of objects, or {"records": [...]}) or .jsonl file (one object a line) in one
@@ -124,12 +133,17 @@ of these layouts, told apart by the first record's keys:
 A prompt holds "{}" where the subject goes, or the subject itself. zsRE files (MEND's zsRE
 layout; a flattened file whose locality prompts have answers of their own) get zsRE's metrics.
 
-outputs in --output (each written atomically; earlier files of the same name are replaced):
+outputs in --output (each written atomically; earlier files of the same name are replaced, or
+extended with --append):
   summary.json  one object per method (a flat object for one method): method, model, n_cases,
                 efficacy/paraphrase/neighborhood score and magnitude, score, seconds_per_edit
                 (zsRE: efficacy_accuracy, paraphrase_accuracy, specificity_accuracy instead of
-                the scores and magnitudes)
-  summary.md    the same as a Markdown table (also printed)
+                the scores and magnitudes) and the row's protocol: metric_family (counterfact,
+                zsre), scoring (mean, top-1), generation (off, "N tokens in all", "N new
+                tokens"), statistics (ROME/MEMIT: "CORPUS (N tokens)" or "identity
+                (--no-stats)"; null for other methods), dtype
+  summary.md    the same as a Markdown table (also printed), with a "Protocol: ..." line under
+                it; rows of different protocols share a table only with --mixed-protocols
   cases.jsonl   one object per method and case: its metrics and "took" (P(target_new) >
                 P(target_true) on the rewrite prompt under the edit; zsRE: every token of
                 target_new is the top-1 prediction there)
@@ -143,7 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog="python -m remedi.evaluate",
         description=__doc__.split("\n")[0],
-        epilog=EPILOG,
+        epilog=EPILOG + "\n" + evaluate_config.sections_help(),
+    )
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="a YAML file of these options by name and rome/memit/ft sections (see below); "
+        "flags on the command line win",
+    )
+    p.add_argument(
+        "--print_config",
+        action="store_true",
+        help="print the complete configuration as YAML (readable by --config) and exit",
     )
     p.add_argument(
         "--method",
@@ -291,6 +316,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="total: each sample, prompt included, is --generation-tokens long (ROME's protocol); "
         "new: --generation-tokens new tokens after each prompt",
     )
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="add this run's rows to the table already in --output (summary.json, summary.md, "
+        "cases.jsonl, generations.jsonl, chart.png) instead of replacing it; refused when the "
+        "protocols differ, unless --mixed-protocols",
+    )
+    p.add_argument(
+        "--mixed-protocols",
+        action="store_true",
+        help="allow rows of different protocols (metric family, scoring, generation, statistics, "
+        "dtype, model) in one table; the table then gets a protocol column",
+    )
     return p
 
 
@@ -305,11 +343,15 @@ def _check_args(args: argparse.Namespace) -> str | None:
         args.checkpoints = checkpoint_paths(args.checkpoint, args.method)
     except ValueError as err:
         return str(err)
-    if args.n_context is not None:
-        from remedi.methods.rome import CONTEXT_PREFIXES
+    from remedi.methods.rome import CONTEXT_PREFIXES
 
-        if not 0 <= args.n_context <= len(CONTEXT_PREFIXES):
-            return f"--n-context must be in 0..{len(CONTEXT_PREFIXES)}, got {args.n_context}"
+    top = len(CONTEXT_PREFIXES)
+    if args.n_context is not None and not 0 <= args.n_context <= top:
+        return f"--n-context must be in 0..{top}, got {args.n_context}"
+    for section in ("rome", "memit"):
+        n_context = method_settings(args)[section].n_context
+        if section in args.method and not 0 <= n_context <= top:
+            return f"--{section}.n_context must be in 0..{top}, got {n_context}"
     from remedi.methods.second_moment import source_exists
 
     if not source_exists(args.corpus):
@@ -414,31 +456,23 @@ class Runner:
         )
 
     def settings(self, method: str) -> tuple[int | None, Any, Any]:
-        """``(layer, stats, hparams)`` of a non-learned method, from the command line."""
-        a = self.args
-        layer, stats, hparams = a.layer, None, None
+        """``(layer, stats, hparams)`` of a non-learned method, from its config section (see
+        :mod:`remedi.evaluate_config`) with the model's defaults for null layers and clamps."""
+        sections = method_settings(self.args)
+        layer, stats, hparams = None, None, None
         if method in ("ft", "ft-l"):
-            from remedi.methods import finetune
-
-            hparams = finetune.FinetuneHyperParams(
-                layer=a.layer, eps=a.ft_eps if method == "ft-l" else None
-            )
-            if a.ft_lr is not None:
-                hparams.lr = a.ft_lr
-            if a.ft_steps is not None:
-                hparams.steps = a.ft_steps
+            ft = evaluate_config.resolved(self.lm, "ft", sections["ft"])
+            eps = evaluate_config.ft_eps(self.args, ft) if method == "ft-l" else None
+            hparams = dataclasses.replace(ft, eps=eps)
+            layer = hparams.layer
         elif method == "rome":
-            from remedi.methods import rome
-
-            hparams = rome_hparams(a)
-            layer = hparams.layer if hparams.layer is not None else rome.default_layer(self.lm)
+            hparams = evaluate_config.resolved(self.lm, "rome", sections["rome"])
+            layer = hparams.layer
             layer_stats = self.stats([layer])
             stats = None if layer_stats is None else layer_stats[layer]
         elif method == "memit":
-            hparams = memit_hparams(a)
-            from remedi.methods import memit
-
-            stats = self.stats(list(hparams.layers or memit.default_layers(self.lm)))
+            hparams = evaluate_config.resolved(self.lm, "memit", sections["memit"])
+            stats = self.stats(list(hparams.layers))
         return layer, stats, hparams
 
     def _sampler(self, method: str, cases: Sequence[EditCase]) -> Sampler:
@@ -499,28 +533,11 @@ class Runner:
         return MethodResult("remedi", per_case, seconds)
 
 
-def memit_hparams(args: argparse.Namespace) -> Any:
-    from remedi.methods import memit
-
-    hp = memit.MemitHyperParams()
-    if args.memit_layers:
-        hp.layers = tuple(args.memit_layers)
-    if args.memit_lambda is not None:
-        hp.mom2_weight = args.memit_lambda
-    for name in ("n_context", "clamp", "kl_weight", "weight_decay", "steps"):
-        if getattr(args, name) is not None:
-            setattr(hp, name, getattr(args, name))
-    return hp
-
-
-def rome_hparams(args: argparse.Namespace) -> Any:
-    from remedi.methods import rome
-
-    hp = rome.RomeHyperParams(layer=args.layer)
-    for name in ("n_context", "clamp", "kl_weight", "weight_decay", "steps"):
-        if getattr(args, name, None) is not None:
-            setattr(hp, name, getattr(args, name))
-    return hp
+def method_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The rome, memit and ft sections of this run: those :func:`main` merged from the config
+    file and flags, else the defaults with the flat flags in ``args`` applied."""
+    found = getattr(args, "settings", None)
+    return found if found is not None else evaluate_config.settings(args)
 
 
 def summary_row(
@@ -529,8 +546,10 @@ def summary_row(
     n_cases: int,
     summary: dict[str, float],
     names: Sequence[str] = METRIC_NAMES,
+    fields: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One table row: the method, its metrics ``names`` (the benchmark's columns) and timing."""
+    """One table row: the method, its metrics ``names`` (the benchmark's columns), timing and,
+    when given, its protocol ``fields`` (see :func:`run_protocol`)."""
     seconds = result.edit_seconds
     return {
         "method": result.method,
@@ -539,22 +558,52 @@ def summary_row(
         **{name: summary.get(name) for name in names},
         "seconds_per_edit": statistics.median(seconds) if seconds else 0.0,
         "seconds_per_edit_mean": statistics.fmean(seconds) if seconds else 0.0,
+        **(fields or {}),
     }
 
 
+def run_protocol(args: argparse.Namespace, family: str, method: str) -> dict[str, Any]:
+    """The protocol fields of ``method``'s row in this run (:mod:`remedi.protocol`), known
+    from the arguments and the data's metric family before anything is loaded."""
+    stats = None
+    if method in STATS_METHODS:
+        stats = protocol.statistics_setting(args.no_stats, args.corpus, args.stats_tokens)
+    return {
+        "metric_family": family,
+        "scoring": protocol.scoring_setting(family),
+        "generation": protocol.generation_setting(
+            args.generation, args.generation_tokens, getattr(args, "generation_length", "total")
+        ),
+        "statistics": stats,
+        "dtype": args.dtype,
+        "model": args.model,
+    }
+
+
+def metric_family(cases: Sequence[EditCase]) -> str:
+    """``zsre`` when the data is zsRE (its cases get zsRE's metrics), else ``counterfact``."""
+    return "zsre" if any(case.benchmark == "zsre" for case in cases) else "counterfact"
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The summary rows as a Markdown table (zsRE columns for a zsRE table)."""
+    """The summary rows as a Markdown table (zsRE columns for a zsRE table), with the protocol
+    in a line under it (a protocol column instead when the rows' protocols differ)."""
     zsre = any(name in row for row in rows for name in ZSRE_METRIC_NAMES)
     columns = ["method", "n_cases", *(ZSRE_METRIC_NAMES if zsre else METRIC_NAMES)]
     columns.append("seconds_per_edit")
     columns += [name for name in GENERATION_METRIC_NAMES if any(name in row for row in rows)]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    mixed = bool(protocol.conflicts(rows))
+    lines = ["| " + " | ".join(columns + ["protocol"] * mixed) + " |"]
+    lines.append("|" + "---|" * (len(columns) + mixed))
     for row in rows:
         cells = []
         for column in columns:
             value = row.get(column)
             cells.append(f"{value:.3f}" if isinstance(value, float) else str(value))
+        if mixed:
+            cells.append(protocol.describe(protocol.protocol_of(row)))
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", protocol.table_line(rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -577,12 +626,13 @@ def evaluate(
     runner = Runner(lm, args, trained)
     rows: list[dict[str, Any]] = []
     records: list[dict[str, Any]] = []
-    zsre = any(case.benchmark == "zsre" for case in cases)
-    names = metric_names("zsre" if zsre else "counterfact")
+    family = metric_family(cases)
+    names = metric_names("zsre" if family == "zsre" else "counterfact")
     for method in methods:
         result = runner.run(method, cases)
         summary = summarize(result.per_case)
-        rows.append(summary_row(result, lm.spec, len(cases), summary, names))
+        fields = run_protocol(args, family, method) | {"model": lm.spec}
+        rows.append(summary_row(result, lm.spec, len(cases), summary, names, fields))
         if args.generation:
             texts = runner.samples
             if samples is not None:
@@ -651,7 +701,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (2 for a usage error)."""
     quiet_warnings()
     release_freed_memory()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        parsed = evaluate_config.load(sys.argv[1:] if argv is None else argv, parser)
+    except UsageError as err:
+        return fail(err)
+    args = parser.parse_args(parsed.flat_argv)
+    args.settings = evaluate_config.settings(args, parsed.sections, parsed.pinned)
+    if parsed.print_config:
+        evaluate_config.print_config(args, args.settings)
+        return 0
     methods = list(dict.fromkeys(args.method))
     problem = _check_args(args)
     if problem:
@@ -666,6 +725,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"--data {args.data}: case {missing[0]} has no target_new (known-facts records "
             "state a fact but request no edit)"
         )
+    try:
+        earlier = earlier_rows(args.output) if args.append else []
+    except UsageError as err:
+        return fail(err)
+    planned = [run_protocol(args, metric_family(cases), method) for method in methods]
+    problem = protocol_problem(earlier, planned, args.mixed_protocols)
+    if problem:
+        return fail(problem)
     if args.threads:
         torch.set_num_threads(args.threads)
     from remedi.models import load_model
@@ -674,7 +741,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         lm = load_model(args.model, dtype=args.dtype, device=args.device)
     except MODEL_LOAD_ERRORS as err:
         return fail(f"--model {args.model}: {one_line(err)}")
-    for name, layers in (("--layer", [args.layer]), ("--memit-layers", args.memit_layers or [])):
+    sections = args.settings
+    checked = [("--layer", [args.layer]), ("--memit-layers", args.memit_layers or [])]
+    checked += [("--rome.layer", [sections["rome"].layer]), ("--ft.layer", [sections["ft"].layer])]
+    checked.append(("--memit.layers", list(sections["memit"].layers or [])))
+    for name, layers in checked:
         bad = [x for x in layers if x is not None and not 0 <= x < lm.arch.num_layers]
         if bad:
             return fail(f"{name} {bad[0]} is out of range (0..{lm.arch.num_layers - 1})")
@@ -695,7 +766,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(f"--data: no cases left to evaluate in {args.data}")
     samples: dict[str, list[list[str]]] = {}
     rows, records = evaluate(lm, methods, cases, args, samples, trained)
-    write_outputs(args.output, rows, records, cases, samples if args.generation else None)
+    problem = protocol_problem(earlier, rows, args.mixed_protocols)
+    if problem:
+        return fail(problem)
+    rows = [*earlier, *rows]
+    generations = samples if args.generation else None
+    write_outputs(args.output, rows, records, cases, generations, append=bool(earlier))
     print(markdown_table(rows), end="")
     for method in methods:
         print(took_line(method, records))
@@ -705,25 +781,70 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def earlier_rows(output: Path) -> list[dict[str, Any]]:
+    """The rows of the table already in ``output`` (none when it has no summary.json), for
+    ``--append``."""
+    path = output / "summary.json"
+    if not path.exists():
+        return []
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--append: {path} is not valid JSON: {one_line(err)}") from err
+    rows = summary if isinstance(summary, list) else [summary]
+    if not all(isinstance(row, dict) and "method" in row for row in rows):
+        raise UsageError(f"--append: {path} is not a summary.json of remedi.evaluate")
+    return rows
+
+
+def protocol_problem(
+    earlier: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], mixed: bool
+) -> str | None:
+    """Why ``rows`` (this run's rows or their planned protocols) may not share one table with
+    each other and the ``earlier`` rows kept by ``--append``; None when they may."""
+    if mixed:
+        return None
+    if earlier:
+        why = protocol.mismatch(earlier, rows)
+        if why:
+            return (
+                f"--append: the table in summary.json has another protocol ({why}); pass "
+                "--mixed-protocols to put both in one table"
+            )
+    found = protocol.conflicts(rows)
+    if found:
+        name, values = next(iter(found.items()))
+        shown = ", ".join(map(str, values))
+        return f"the methods' rows differ in {name} ({shown}); pass --mixed-protocols to allow it"
+    return None
+
+
 def write_outputs(
     output: Path,
     rows: Sequence[dict[str, Any]],
     records: Sequence[dict[str, Any]],
     cases: Sequence[EditCase],
     samples: dict[str, list[list[str]]] | None = None,
+    append: bool = False,
 ) -> None:
     """Write the table (JSON, Markdown, bar chart), the per-case records and, when given, the
-    generation samples into ``output``, each file atomically."""
+    generation samples into ``output``, each file atomically. With ``append``, ``rows`` is the
+    whole table and the records and samples are added to those already there."""
     from remedi.methods import figures
 
-    write_text(output / "cases.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    def write_lines(name: str, lines: Sequence[str]) -> None:
+        path = output / name
+        before = path.read_text() if append and path.exists() else ""
+        write_text(path, before + "".join(lines))
+
+    write_lines("cases.jsonl", [json.dumps(r) + "\n" for r in records])
     if samples is not None:
         lines = [
             json.dumps({"method": method, "case_id": case.case_id, "samples": texts}) + "\n"
             for method, per_case in samples.items()
             for case, texts in zip(cases, per_case, strict=True)
         ]
-        write_text(output / "generations.jsonl", "".join(lines))
+        write_lines("generations.jsonl", lines)
     summary: Any = rows[0] if len(rows) == 1 else list(rows)
     write_text(output / "summary.json", json.dumps(summary, indent=2) + "\n")
     write_text(output / "summary.md", markdown_table(rows))

@@ -56,7 +56,8 @@ def test_table_for_several_methods(setup: dict[str, Path]) -> None:
     lines = (setup["out"] / "cases.jsonl").read_text().splitlines()
     assert len(lines) == 2 * len(methods) and json.loads(lines[0])["case_id"] == 7
     table = (setup["out"] / "summary.md").read_text().splitlines()
-    assert len(table) == 2 + len(methods) and table[0].startswith("| method")
+    assert len(table) == 4 + len(methods) and table[0].startswith("| method")
+    assert table[-1].startswith("Protocol: CounterFact probability comparisons, scoring mean")
 
 
 def test_single_method_summary_is_one_flat_object(setup: dict[str, Path]) -> None:
