@@ -46,6 +46,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import lightning as L
 import torch
 
 from remedi.atomic import write_json, write_text
@@ -87,6 +88,23 @@ def time_budget(seconds: float) -> Iterator[None]:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+class StepTimer(L.Callback):
+    """Seconds of each training step (the device synchronised at both ends)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.times: list[float] = []
+        self.began = 0.0
+
+    def on_train_batch_start(self, *_: Any) -> None:
+        sync(self.device)
+        self.began = time.perf_counter()
+
+    def on_train_batch_end(self, *_: Any) -> None:
+        sync(self.device)
+        self.times.append(time.perf_counter() - self.began)
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -376,16 +394,8 @@ def _measure(
 
         register_model(lm, args.dtype)
         module = MendModule(model=lm.spec, model_dtype=args.dtype, rank=mend_rank)
-        times: list[float] = []
-
-        class StepTimer(L.Callback):
-            def on_train_batch_start(self, *_: Any) -> None:
-                sync(device)
-                self.began = time.perf_counter()
-
-            def on_train_batch_end(self, *_: Any) -> None:
-                sync(device)
-                times.append(time.perf_counter() - self.began)
+        timer = StepTimer(device)
+        times = timer.times
 
         trainer = L.Trainer(
             accelerator="gpu" if device.type == "cuda" else "cpu",
@@ -399,7 +409,7 @@ def _measure(
             enable_progress_bar=False,
             enable_model_summary=False,
             default_root_dir=str(args.output / "mend"),
-            callbacks=[StepTimer()],
+            callbacks=[timer],
         )
         trainer.fit(module, datamodule=CounterFactDataModule(batch_size=10))
         warm = times[1:] or times

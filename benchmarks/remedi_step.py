@@ -72,39 +72,24 @@ def _time_pair(a: Any, b: Any, repeats: int, device: torch.device) -> tuple[list
     return times_a, times_b
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="gemma3-270m")
-    parser.add_argument("--random-gptj", action="store_true", help="random GPT-J-6B shape")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--layer", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--output", required=True, type=Path)
-    args = parser.parse_args(argv)
-    release_freed_memory()
-    torch.set_num_threads(args.threads)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    if args.random_gptj:
-        lm = random_gptj(args.device, dtype)
-    else:
-        lm = load_model(args.model, dtype=args.dtype, device=args.device)
+def measure(
+    lm: LoadedModel, layer: int, batch_size: int, repeats: int, dtype: torch.dtype
+) -> dict[str, Any]:
+    """Time ``repeats`` REMEDI training steps and floors on ``lm`` (see the module docstring)."""
     device = lm.device
     cases = load_builtin("train")
-    examples = [e for c in cases for e in examples_from_case(c)][: args.batch_size]
+    examples = [e for c in cases for e in examples_from_case(c)][:batch_size]
     editor = build_editor("affine", lm.arch.hidden_size).to(device)
     torch.nn.init.normal_(editor.linear.weight, std=1e-3)  # a trained-looking, nonzero editor
     optimizer = torch.optim.AdamW(editor.parameters(), lr=1e-3, weight_decay=0.01)
     attribute = attribute_states(
-        lm, args.layer, [e.context for e in examples], [e.entity for e in examples]
+        lm, layer, [e.context for e in examples], [e.entity for e in examples]
     )
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
     def step() -> None:
         with autocast:
-            loss = remedi_loss(lm, args.layer, editor, examples, attribute, LossWeights())["loss"]
+            loss = remedi_loss(lm, layer, editor, examples, attribute, LossWeights())["loss"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -126,16 +111,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    step_times, floor_times = _time_pair(step, floor, args.repeats, device)
+    step_times, floor_times = _time_pair(step, floor, repeats, device)
     assert not any(p.requires_grad for p in lm.model.parameters()), "LM parameters require grad"
     step_s, floor_s = statistics.median(step_times), statistics.median(floor_times)
     result: dict[str, Any] = {
         "model": lm.spec,
         "device": str(device),
-        "dtype": args.dtype,
-        "layer": args.layer,
+        "layer": layer,
         "batch_size": len(examples),
-        "threads": args.threads,
         "prompt_tokens": int(batch.attention_mask.sum()),
         "step_s_median": step_s,
         "floor_s_median": floor_s,
@@ -150,6 +133,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if device.type == "cuda":
         result["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
         result["gpu"] = torch.cuda.get_device_name()
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gemma3-270m")
+    parser.add_argument("--random-gptj", action="store_true", help="random GPT-J-6B shape")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--layer", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output", required=True, type=Path)
+    args = parser.parse_args(argv)
+    release_freed_memory()
+    torch.set_num_threads(args.threads)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    if args.random_gptj:
+        lm = random_gptj(args.device, dtype)
+    else:
+        lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    result = measure(lm, args.layer, args.batch_size, args.repeats, dtype)
+    result.update(dtype=args.dtype, threads=args.threads)
     write_json(args.output, result)
     print(json.dumps({k: v for k, v in result.items() if not k.endswith("_all")}, indent=2))
     return result

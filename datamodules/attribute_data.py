@@ -86,6 +86,25 @@ def _example_batch(items: list[RemediExample]) -> CaseBatch:
     return CaseBatch([], list(items))
 
 
+_PLAIN_GLOBALS = frozenset(
+    (module, name) for module in ("builtins", "__builtin__") for name in ("set", "frozenset")
+)
+"""The only globals a plain-data pickle names: the set types (``__builtin__`` in protocol 2)."""
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles plain data only: any class or function a pickle names (which unpickling would
+    import and may call) is refused, except the builtin set types."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _PLAIN_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(
+            f"refused to unpickle {module}.{name}: only plain data (lists, dicts, strings, "
+            "numbers) is read"
+        )
+
+
 class BiasInBiosDataModule(ExampleDataModule):
     """Bias in Bios from the pickle the official ``biosbias`` scripts write (a list of dicts with
     ``name`` (first, middle, last), ``raw``, ``start_pos`` and ``title``).
@@ -93,7 +112,9 @@ class BiasInBiosDataModule(ExampleDataModule):
     Example (ours, after REMEDI): entity = "First Last"; context = the entity followed by the
     first sentence of the bio *after* the occupation sentence (``raw[start_pos:]``), so the
     occupation must be inferred; prompt = "{entity} has the occupation of"; target = the title.
-    The pickle is read only from the ``path`` given (unpickling runs code: use trusted files).
+    The pickle is read only from the ``path`` given, and only as plain data (lists, dicts,
+    tuples, sets, strings, numbers): one that names any other class or function is refused
+    before it runs, since unpickling can run code.
     """
 
     def __init__(self, path: str, limit: int | None = None, **kwargs: Any) -> None:
@@ -104,8 +125,11 @@ class BiasInBiosDataModule(ExampleDataModule):
         self.limit = limit
 
     def read_examples(self) -> list[RemediExample]:
-        with open(self.path, "rb") as f:
-            records = pickle.load(f)
+        try:
+            with open(self.path, "rb") as f:
+                records = _PlainDataUnpickler(f).load()
+        except pickle.UnpicklingError as err:
+            raise ValueError(f"path: {self.path}: {err}") from err
         if not isinstance(records, list):
             raise ValueError(f"path: {self.path} does not hold a list of bios")
         examples = []

