@@ -4,11 +4,11 @@ A :class:`~lightning.pytorch.cli.LightningCLI` around the learned-editor modules
 datamodules, which adds:
 
 - **one run directory**, ``trainer.default_root_dir`` (the shipped configs set
-  ``checkpoints/<config name>``): ``last.ckpt`` and the best checkpoint by ``val/loss``, the
-  TensorBoard events without version subfolders (a resumed ``fit``, ``validate`` and ``test``
-  append to the same run), the resolved config (``config.yaml`` of ``fit``,
-  ``config-<subcommand>.yaml`` of the others), ``metrics.json`` of ``test`` and
-  ``predictions.jsonl`` of ``predict``. A line at the start and the end says where it is.
+  ``checkpoints/<config path>``, e.g. ``checkpoints/mend/quickstart``): ``last.ckpt`` and the
+  best checkpoint by ``val/loss``, the TensorBoard events without version subfolders (a resumed
+  ``fit``, ``validate`` and ``test`` append to the same run), the resolved config
+  (``config.yaml`` of ``fit``, ``config-<subcommand>.yaml`` of the others), ``metrics.json`` of
+  ``test`` and ``predictions.jsonl`` of ``predict``. A line at start and end says where it is.
 - **``--ckpt_path``** (a file, or ``last`` / ``best`` of the run directory): module arguments the
   config and command line leave unset take the checkpoint's values; those they set are used,
   unless the checkpoint fixes them (``checkpoint_fixed`` of the module: model, layers, editor
@@ -89,7 +89,8 @@ Train and evaluate learned knowledge editors (REMEDI, MEND, KE) against a frozen
 model. A config in configs/ names the model, the editor, the data and the trainer; any key can
 be overridden with a dotted flag (--model.layer 3, --trainer.max_epochs 2). A run writes its
 checkpoints, TensorBoard events, resolved config and test metrics into one run directory,
-trainer.default_root_dir (checkpoints/<config name> for the shipped configs).
+trainer.default_root_dir (for the shipped configs checkpoints/<config path>, e.g.
+checkpoints/mend/quickstart).
 
 examples:
   {PROG} fit --config configs/quickstart.yaml
