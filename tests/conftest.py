@@ -260,3 +260,12 @@ def lightning_trainer(root: Path, **kwargs: object) -> L.Trainer:
     )
     defaults.update(kwargs)
     return L.Trainer(**defaults)  # type: ignore[arg-type]
+
+
+def forbid_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any load of a model fail the test: for mistakes that must stop before loading."""
+
+    def no_load(*_args: object, **_kwargs: object) -> None:
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr("remedi.models.load_model", no_load)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import forbid_model_load, tiny_model
 
 from remedi import edit
 from remedi.methods import rome
@@ -275,10 +275,7 @@ def test_usage_errors_exit_2_in_one_line_before_loading(
     change: list[str],
     message: str,
 ) -> None:
-    def no_load(*_args: object, **_kwargs: object) -> None:
-        raise AssertionError("the model must not be loaded")
-
-    monkeypatch.setattr("remedi.models.load_model", no_load)
+    forbid_model_load(monkeypatch)
     files = {
         "FILE": "not a directory",
         "BAD_JSON": '[{"prompt": "{} makes",',

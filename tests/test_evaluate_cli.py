@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import COUNTERFACT_RECORDS as RECORDS
-from conftest import tiny_model
+from conftest import forbid_model_load, tiny_model
 
 from remedi import evaluate
 from remedi.cli import UsageError
@@ -234,10 +234,7 @@ def test_usage_errors_exit_2_in_one_line_before_loading(
     change: list[str],
     message: str,
 ) -> None:
-    def no_load(*_args: object, **_kwargs: object) -> None:
-        raise AssertionError("the model must not be loaded")
-
-    monkeypatch.setattr("remedi.models.load_model", no_load)
+    forbid_model_load(monkeypatch)
     no_subject = {**RECORDS[0], "requested_rewrite": {**RECORDS[0]["requested_rewrite"]}}
     no_subject["requested_rewrite"]["subject"] = ""
     known = {"known_id": 3, "subject": "Toyota", "attribute": "Japan", "prompt": "Toyota is in"}

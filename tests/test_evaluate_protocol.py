@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import COUNTERFACT_RECORDS as RECORDS
-from conftest import tiny_model
+from conftest import forbid_model_load, tiny_model
 from test_evaluate_cli import ZSRE_RECORDS
 
 from remedi import evaluate, protocol
@@ -81,10 +81,7 @@ def test_append_refuses_another_protocol_before_loading(
     before = (paths["out"] / "summary.json").read_text()
     capsys.readouterr()
 
-    def no_load(*args: object, **kwargs: object) -> None:
-        raise AssertionError("the model was loaded")
-
-    monkeypatch.setattr("remedi.models.load_model", no_load)
+    forbid_model_load(monkeypatch)
     assert _run(paths, "--method", "none", "--dtype", "bfloat16", "--append") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
