@@ -40,7 +40,7 @@ import lightning as L
 import torch
 from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from datamodules import EditCaseDataModule
@@ -140,6 +140,24 @@ class RunCheckpoint(ModelCheckpoint):
         """Write ``last.ckpt`` unless this step's checkpoint was just saved."""
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class LogProgressBar(TQDMProgressBar):
+    """tqdm progress for output that is not a terminal: a training line every 30 s at most."""
+
+    def __init__(self) -> None:
+        super().__init__(refresh_rate=1)
+
+    def init_train_tqdm(self) -> Any:
+        bar = super().init_train_tqdm()
+        bar.mininterval = 30.0  # seconds between lines in a log
+        return bar
+
+
+def _is_bar(callback: object) -> bool:
+    from lightning.pytorch.callbacks import ProgressBar
+
+    return isinstance(callback, ProgressBar)
 
 
 class RemediCLI(LightningCLI):
@@ -281,6 +299,14 @@ class RemediCLI(LightningCLI):
             raise UsageError(parse_error_line(str(err), self.parser)) from err
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        trainer = self._get(self.config_init, "trainer", default={})
+        given = trainer.get("callbacks") or []
+        given = given if isinstance(given, list) else [given]
+        bar_wanted = trainer.get("enable_progress_bar", True) is not False
+        if not sys.stdout.isatty() and bar_wanted and not any(_is_bar(c) for c in given):
+            # Lightning's default rich bar draws only its last frame into a file or pipe, so a
+            # redirected fit would say nothing for its whole length: log with tqdm lines instead.
+            kwargs["callbacks"] = [*given, LogProgressBar()]
         try:
             return super().instantiate_trainer(**kwargs)
         except (TypeError, ValueError, MisconfigurationException) as err:

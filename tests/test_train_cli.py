@@ -548,3 +548,21 @@ def test_ddp_on_two_cpu_processes_syncs_metrics(tmp_path: Path, module: list[str
     counts = [e.value for e in events.Scalars("val/n_cases")]  # one validation per epoch
     assert counts and set(counts) == {4.0}
     assert 0.0 <= events.Scalars("val/efficacy_score")[0].value <= 1.0
+
+
+def test_output_that_is_not_a_terminal_gets_line_progress(config: Path, tmp_path: Path) -> None:
+    """Redirected to a file (as under pytest), a fit logs tqdm lines instead of Lightning's rich
+    bar, which would draw only its last frame there; a progress bar the config names is kept."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from remedi.train import LogProgressBar
+
+    # the test config turns the bar off
+    common = ["--config", str(config), "--trainer.max_steps", "-1", "--trainer.max_epochs", "1"]
+    common += ["--trainer.limit_train_batches", "1", "--trainer.enable_progress_bar", "true"]
+    cli = run(["fit", *common, "--trainer.default_root_dir", str(tmp_path / "a")])
+    assert isinstance(cli.trainer.progress_bar_callback, LogProgressBar)
+    own = ["--trainer.callbacks+=lightning.pytorch.callbacks.TQDMProgressBar"]
+    cli = run(["fit", *common, *own, "--trainer.default_root_dir", str(tmp_path / "b")])
+    bar = cli.trainer.progress_bar_callback
+    assert isinstance(bar, TQDMProgressBar) and not isinstance(bar, LogProgressBar)
