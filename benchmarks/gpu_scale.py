@@ -107,6 +107,26 @@ class StepTimer(L.Callback):
         self.times.append(time.perf_counter() - self.began)
 
 
+def timing_trainer(
+    device: torch.device, dtype: str, steps: int, root: str | os.PathLike[str], timer: StepTimer
+) -> L.Trainer:
+    """A quiet Trainer for timing ``steps`` training steps: no validation, logging or saving."""
+    return L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        precision="bf16-mixed" if dtype == "bfloat16" else "32-true",
+        max_steps=steps,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(root),
+        callbacks=[timer],
+    )
+
+
 def peak_memory_gb(device: torch.device) -> float:
     """Peak GPU memory allocated since the last reset, or the process's peak RSS on a CPU."""
     if device.type == "cuda":
@@ -387,7 +407,6 @@ def _measure(
         return f"ratio {measured['ratio']:.2f}, {measured['examples_per_s']:.1f} examples/s"
 
     def mend_step(result: dict[str, Any]) -> str:
-        import lightning as L
 
         from datamodules import CounterFactDataModule
         from lightning_modules import MendModule, register_model
@@ -397,20 +416,7 @@ def _measure(
         timer = StepTimer(device)
         times = timer.times
 
-        trainer = L.Trainer(
-            accelerator="gpu" if device.type == "cuda" else "cpu",
-            devices=1,
-            precision="bf16-mixed" if args.dtype == "bfloat16" else "32-true",
-            max_steps=mend_steps,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=str(args.output / "mend"),
-            callbacks=[timer],
-        )
+        trainer = timing_trainer(device, args.dtype, mend_steps, args.output / "mend", timer)
         trainer.fit(module, datamodule=CounterFactDataModule(batch_size=10))
         warm = times[1:] or times
         result.update(layers=module.layers, rank=mend_rank, batch_size=10, step_s_all=times)

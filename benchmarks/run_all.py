@@ -482,19 +482,8 @@ def trainer_step(method: str) -> Callable[[Context, dict[str, Any]], str]:
         times = timer.times
 
         with tempfile.TemporaryDirectory(prefix=f"run_all_{method}") as root:
-            trainer = L.Trainer(
-                accelerator="gpu" if device.type == "cuda" else "cpu",
-                devices=1,
-                precision="bf16-mixed" if ctx.args.dtype == "bfloat16" else "32-true",
-                max_steps=sizes.train_steps,
-                limit_val_batches=0,
-                num_sanity_val_steps=0,
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                default_root_dir=root,
-                callbacks=[timer],
+            trainer = gpu_scale.timing_trainer(
+                device, ctx.args.dtype, sizes.train_steps, root, timer
             )
             trainer.fit(module, datamodule=CounterFactDataModule(batch_size=8))
         warm = times[1:] or times
