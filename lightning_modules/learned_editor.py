@@ -34,6 +34,19 @@ _MODELS: dict[tuple[str, str], LoadedModel] = {}
 TrainUnit = Literal["examples", "cases"]
 
 
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or infinite: training stops before any step or checkpoint is made
+    from that state, so the last checkpoint stays the last good one."""
+
+
+def non_finite_terms(terms: dict[str, torch.Tensor]) -> str:
+    """``"kl = nan"``: the terms that are not finite (the total ``loss`` only when no other is),
+    or ``""`` when all are finite."""
+    bad = {n: v.detach() for n, v in terms.items() if not bool(torch.isfinite(v.detach()).all())}
+    named = [n for n in bad if n != "loss"] or list(bad)
+    return ", ".join(f"{n} = {float(bad[n][~torch.isfinite(bad[n])].flatten()[0])}" for n in named)
+
+
 def register_model(lm: LoadedModel, dtype: str = "float32") -> None:
     """Make ``lm`` the model that modules built with ``model=lm.spec, model_dtype=dtype`` use
     (tests and notebooks that already hold a model)."""
@@ -123,6 +136,7 @@ class LearnedEditorModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         terms = self.training_terms(batch)
+        self.check_finite(terms, "loss")
         for name, value in terms.items():
             self.log(
                 f"train/{name}", value.detach(), batch_size=len(batch), prog_bar=name == "loss"
@@ -141,6 +155,8 @@ class LearnedEditorModule(L.LightningModule):
         metrics = cast(dict[str, Any], dict(self._stage_metrics(stage).items()))
         size = len(batch.cases) or len(batch.examples)
         terms = self.eval_terms(batch)
+        if self.trainer.state.fn == "fit":  # weights gone bad: stop before they are saved
+            self.check_finite(terms, "validation loss")
         metrics["loss"].update(terms["loss"].detach(), weight=size)
         for name, value in terms.items():
             if name != "loss":
@@ -163,6 +179,21 @@ class LearnedEditorModule(L.LightningModule):
             if values:
                 metrics[name].update(torch.tensor(values, dtype=torch.float32))
                 self.log(f"{stage}/{name}", metrics[name], prog_bar=name == "efficacy_score")
+
+    def check_finite(self, terms: dict[str, torch.Tensor], what: str) -> None:
+        """Raise :class:`NonFiniteLossError` naming the step, the epoch and the bad terms when a
+        term of this step is NaN or infinite (on any process: all of them stop together)."""
+        bad = non_finite_terms(terms)
+        if self.trainer.world_size > 1:
+            if not self.trainer.strategy.reduce_boolean_decision(bool(bad), all=False):
+                return
+            bad = bad or "on another process"
+        elif not bad:
+            return
+        raise NonFiniteLossError(
+            f"non-finite {what} at step {self.trainer.global_step} "
+            f"(epoch {self.current_epoch}): {bad}"
+        )
 
     @staticmethod
     def _make_metrics() -> nn.ModuleDict:

@@ -5,12 +5,15 @@ the filter for third-party warnings that are noise to a user."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import pickle
 import re
 import sys
 import warnings
 import zipfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -90,6 +93,85 @@ def check_model_spec(spec: str, flag: str = "--model") -> None:
     )
 
 
+def _config_dir(spec: str) -> Path | None:
+    """The directory holding ``spec``'s config.json when it is on disk already (a model directory,
+    the default model once dequantised, a hub model in the local cache), else None."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path if (path / "config.json").is_file() else None
+    if spec == DEFAULT_MODEL:
+        from remedi.models.loading import built_default_dir
+
+        return built_default_dir()
+    if _HUB_ID.match(spec):
+        import huggingface_hub
+
+        try:
+            cached = huggingface_hub.try_to_load_from_cache(spec, "config.json")
+        except ValueError:
+            return None
+        return Path(cached).parent if isinstance(cached, str) else None
+    return None
+
+
+def model_layer_count(spec: str, flag: str = "--model") -> int | None:
+    """The number of layers of ``spec`` read from its config alone (no weights), or None when no
+    readable config is on disk yet (the loader reports an unreadable one). An architecture remedi
+    does not support is a :class:`UsageError` here, before anything loads."""
+    directory = _config_dir(spec)
+    if directory is None:
+        return None
+    from transformers import AutoConfig
+
+    from remedi.models.architectures import spec_for
+
+    try:
+        model_type = str(json.loads((directory / "config.json").read_bytes())["model_type"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # the loader reports an unreadable config in its own words
+    try:
+        architecture = spec_for(model_type)
+    except ValueError as err:
+        raise UsageError(f"{flag} {spec!r}: {err}") from err
+    try:
+        config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+        return int(architecture.num_layers(config))
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
+
+
+def check_layers(
+    n_layers: int,
+    layers: Mapping[str, Iterable[int | None]],
+    spec: str,
+    allow_negative: bool = False,
+) -> None:
+    """Reject a layer flag's value outside ``0..n_layers-1`` (with ``allow_negative``, also
+    ``-n_layers..-1``, counted from the end); ``layers`` maps each flag to its values."""
+    low = -n_layers if allow_negative else 0
+    for flag, values in layers.items():
+        bad = [v for v in values if v is not None and not low <= v < n_layers]
+        if bad:
+            ends = f", or -{n_layers}..-1 counting from the end" if allow_negative else ""
+            raise UsageError(
+                f"{flag} {bad[0]} is out of range for {spec}, which has {n_layers} layers "
+                f"(valid: 0..{n_layers - 1}{ends})"
+            )
+
+
+def check_model_layers(
+    spec: str,
+    layers: Mapping[str, Iterable[int | None]],
+    flag: str = "--model",
+    allow_negative: bool = False,
+) -> None:
+    """Before loading: reject an unsupported architecture and layers out of range, where the
+    model's config is on disk (see :func:`model_layer_count`)."""
+    n_layers = model_layer_count(spec, flag)
+    if n_layers is not None:
+        check_layers(n_layers, layers, spec, allow_negative)
+
+
 def check_device(device: str, flag: str = "--device") -> None:
     """Reject a device this machine does not have (``cpu``, ``cuda``, ``cuda:N``, ``mps``)."""
     try:
@@ -120,9 +202,13 @@ def check_output_dir(path: Path, flag: str = "--output") -> None:
         raise UsageError(f"{flag} {str(path)!r}: {str(existing)!r} is not writable")
 
 
-def check_checkpoint_file(path: Path, flag: str = "--checkpoint") -> None:
+def check_checkpoint_file(
+    path: Path, flag: str = "--checkpoint", method: str | None = None, model: str | None = None
+) -> None:
     """Reject a checkpoint that is missing or not a zip archive (what ``torch.save`` writes), so
-    that a truncated or wrong file stops before the model loads."""
+    that a truncated or wrong file stops before the model loads. With ``method`` (a learned
+    editor), also read it (weights only) and reject one that is garbled, not remedi's, or
+    trained as another method or for another ``model``."""
     if not path.is_file():
         raise UsageError(f"{flag}: file not found: {path}")
     if not zipfile.is_zipfile(path):
@@ -130,6 +216,46 @@ def check_checkpoint_file(path: Path, flag: str = "--checkpoint") -> None:
             f"{flag} {path}: not a PyTorch checkpoint (not a zip archive; truncated, or another "
             "kind of file?)"
         )
+    if method is None:
+        return
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except CHECKPOINT_ERRORS as err:
+        raise UsageError(
+            f"{flag} {path}: cannot be read as a checkpoint ({one_line(err)})"
+        ) from err
+    if not isinstance(saved, dict) or not isinstance(saved.get("remedi"), dict):
+        raise UsageError(f"{flag} {path}: not a remedi checkpoint (no 'remedi' entry)")
+    problem = checkpoint_meta_problem(saved["remedi"], method, model)
+    if problem:
+        raise UsageError(f"{flag} {path}: {problem}")
+
+
+CHECKPOINT_ERRORS: tuple[type[Exception], ...] = (
+    RuntimeError,
+    OSError,
+    EOFError,
+    ValueError,
+    KeyError,
+    pickle.UnpicklingError,
+    zipfile.BadZipFile,
+)
+"""What ``torch.load`` raises for a truncated, garbled or foreign checkpoint file."""
+
+
+def checkpoint_meta_problem(
+    meta: Mapping[str, Any], method: str | None = None, model: str | None = None
+) -> str | None:
+    """Why a checkpoint's ``remedi`` entry does not fit a run of ``method`` on ``model`` (each
+    None: not checked), in words; None when it fits. Layers and widths are checked once the
+    model is loaded."""
+    saved_method = meta.get("method", "remedi")  # written before MEND/KE existed
+    if method is not None and saved_method != method:
+        return f"trained a {saved_method!r} editor, but this run loads a {method!r} editor"
+    saved_model = meta.get("model")
+    if model is not None and saved_model is not None and saved_model != model:
+        return f"trained for model {saved_model!r}, but this run uses model {model!r}"
+    return None
 
 
 MODEL_LOAD_ERRORS: tuple[type[Exception], ...] = (
@@ -146,13 +272,18 @@ def one_line(err: BaseException) -> str:
     """The first non-blank line of an exception's message (its type name when it has none):
     loaders' messages can run over many lines, a usage error gets one."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[0] if lines else type(err).__name__
+    return _TORCH_APPENDIX.sub("", lines[0]) if lines else type(err).__name__
+
+
+_TORCH_APPENDIX = re.compile(r"\s*\(Could this error message be improved\?.*$")
+"""What PyTorch appends to its internal errors: nothing a remedi user can act on."""
 
 
 def file_error(flag: str, path: str | Path, err: BaseException) -> str:
-    """``FLAG PATH: problem`` for an unreadable or malformed input file, naming the file once."""
+    """``FLAG PATH: problem`` for an unreadable or malformed input file, naming the file once
+    (``FLAG: problem`` when the problem names it already)."""
     message = one_line(err)
-    return message if str(path) in message else f"{flag} {path}: {message}"
+    return f"{flag}: {message}" if str(path) in message else f"{flag} {path}: {message}"
 
 
 def check_positive(value: float | None, flag: str) -> None:

@@ -36,6 +36,8 @@ from remedi.cli import (
     add_statistics_arguments,
     check_checkpoint_file,
     check_device,
+    check_layers,
+    check_model_layers,
     check_model_spec,
     check_output_dir,
     check_positive,
@@ -49,6 +51,7 @@ from remedi.methods.requests import EditRequest, load_requests
 from remedi.metrics import ScoredRow, row_probabilities
 from remedi.models import DEFAULT_MODEL, LoadedModel
 from remedi.models.loading import DTYPES, save_tokenizer
+from remedi.signals import interruptible
 from remedi.tokens import encode_continuations, top_prediction
 
 METHODS = ("rome", "memit", "kn", "ft", "mend", "ke")
@@ -154,6 +157,7 @@ def _check(args: argparse.Namespace, requests: Sequence[EditRequest]) -> str | N
         check_output_dir(args.output)
         check_positive(args.threads, "--threads")
         check_positive(args.ft_eps, "--ft-eps")
+        check_model_layers(args.model, _layer_flags(args))
     except UsageError as err:
         return str(err)
     from remedi.methods.second_moment import source_exists
@@ -164,7 +168,7 @@ def _check(args: argparse.Namespace, requests: Sequence[EditRequest]) -> str | N
         if args.checkpoint is None:
             return f"{args.method} needs --checkpoint PATH (a trained {args.method} editor)"
         try:
-            check_checkpoint_file(args.checkpoint)
+            check_checkpoint_file(args.checkpoint, method=args.method, model=args.model)
         except UsageError as err:
             return str(err)
     elif args.checkpoint is not None:
@@ -180,6 +184,11 @@ def _check(args: argparse.Namespace, requests: Sequence[EditRequest]) -> str | N
             if not req.target_true:
                 return f"request {i}: kn needs target_true (the object to replace)"
     return None
+
+
+def _layer_flags(args: argparse.Namespace) -> dict[str, list[int | None]]:
+    """The layers ``--layer`` and ``--layers`` ask for, to check against the model."""
+    return {"--layer": [args.layer], "--layers": list(args.layers or [])}
 
 
 def _as_case(index: int, request: EditRequest) -> EditCase:
@@ -322,8 +331,10 @@ def save(lm: LoadedModel, output: Path, report: list[dict[str, Any]]) -> None:
         (tmp / "edits.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
 
+@interruptible
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (1: an edit did not take, 2: usage error)."""
+    """Run the command line; returns the exit code (1: an edit did not take, 2: usage error,
+    128 + the signal's number after SIGINT or SIGTERM)."""
     quiet_warnings()
     release_freed_memory()
     args = build_parser().parse_args(argv)
@@ -343,11 +354,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MODEL_LOAD_ERRORS as err:
         return fail(f"--model {args.model}: {one_line(err)}")
     loaded = time.perf_counter() - loading
-    n = lm.arch.num_layers
-    for name, layers in (("--layer", [args.layer]), ("--layers", args.layers or [])):
-        bad = [x for x in layers if x is not None and not 0 <= x < n]
-        if bad:
-            return fail(f"{name} {bad[0]} is out of range (0..{n - 1})")
+    try:
+        check_layers(lm.arch.num_layers, _layer_flags(args), args.model)
+    except UsageError as err:
+        return fail(err)
     editor = None
     if args.method in LEARNED:
         from lightning_modules import load_trained

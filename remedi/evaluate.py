@@ -7,7 +7,9 @@
 split when no split is named), so a fresh clone needs no data file. Methods: none, prefix (the
 context ``rewrite_prompt + " " + target_new`` and ". " before every prompt), ft, ft-l, rome,
 memit (all cases in one batch, or groups of ``--memit-batch``), kn (knowledge-neuron value-slot
-update), and the learned editors remedi, mend and ke (each from a trained ``--checkpoint``, with
+update), replace (the prompts with another subject of the same relation whose true object is
+target_new, :mod:`remedi.methods.replace`; cases without one are skipped and counted), and the
+learned editors remedi, mend and ke (each from a trained ``--checkpoint``, with
 its best-validation weights). Weight editors (MEND and KE too) are applied per case and restored
 after it (see :mod:`remedi.methods.registry`).
 
@@ -30,6 +32,10 @@ with their own answers) is scored with zsRE's metrics instead (:mod:`remedi.metr
 table's columns are efficacy_accuracy, paraphrase_accuracy and specificity_accuracy (teacher-forced
 top-1 token accuracy; specificity on the edited model, as ROME and MEMIT report it), and an edit
 "took" when every token of target_new is the top-1 prediction after the rewrite prompt.
+
+``--task probe|mcrae|biosbias`` runs one of REMEDI's own evaluations instead of the CounterFact
+table (:mod:`remedi.evaluations`): the Fact-Med / Fact-Prior probe of a trained REMEDI editor
+with its shuffled-label and identity-editor controls, McRae entailment, Bias in Bios generation.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ from tqdm.auto import tqdm
 
 from remedi import evaluate_config, protocol
 from remedi.allocator import release_freed_memory
-from remedi.atomic import write_text
+from remedi.atomic import atomic_dir
 from remedi.cli import (
     MODEL_LOAD_ERRORS,
     ArgumentParser,
@@ -59,6 +65,8 @@ from remedi.cli import (
     add_statistics_arguments,
     check_checkpoint_file,
     check_device,
+    check_layers,
+    check_model_layers,
     check_model_spec,
     check_output_dir,
     check_positive,
@@ -67,7 +75,7 @@ from remedi.cli import (
     one_line,
     quiet_warnings,
 )
-from remedi.data import SPLITS, EditCase, load_builtin, load_cases
+from remedi.data import ALL_SPLITS, EditCase, load_builtin, load_cases
 from remedi.methods.registry import STATS_METHODS, MethodResult, prefix_case, score_method
 from remedi.metrics import (
     GENERATION_LENGTHS,
@@ -85,13 +93,14 @@ from remedi.metrics import (
 )
 from remedi.models import DEFAULT_MODEL, LoadedModel
 from remedi.models.loading import DTYPES
+from remedi.signals import interruptible
 from remedi.tokens import PromptBatch
 
 log = logging.getLogger(__name__)
 Sampler = Callable[..., None]
 
 LEARNED = ("remedi", "mend", "ke")
-METHODS = ("none", "prefix", "ft", "ft-l", "rome", "memit", "kn", *LEARNED)
+METHODS = ("none", "prefix", "replace", "ft", "ft-l", "rome", "memit", "kn", *LEARNED)
 WEIGHT_METHODS = ("ft", "ft-l", "rome", "memit", "kn")
 POSITIVE_FLAGS = (
     "--limit",
@@ -116,8 +125,23 @@ examples:
       --checkpoint ke=checkpoints/ke/quickstart/last.ckpt --output runs/eval-learned
   python -m remedi.evaluate --method memit --data builtin --output runs/eval --append
   python -m remedi.evaluate --config configs/evaluate/quick.yaml --rome.clamp 4 --print_config
+  python -m remedi.evaluate --task probe --data builtin:validation \\
+      --checkpoint checkpoints/quickstart/last.ckpt --output runs/probe
+  python -m remedi.evaluate --task mcrae --data CONCS_FEATS_concstats_brm.txt \\
+      --method none --method prefix --method replace --output runs/mcrae
 
---data: builtin[:train|validation|test] (the built-in facts; builtin alone is the test split) or
+--task: counterfact (the table above; the default), probe (REMEDI as a probe: Fact-Med and
+Fact-Prior accuracy, F1 and MCC of the --checkpoint's editor, with shuffled labels and the
+identity editor as controls; CounterFact data), mcrae (correlation of the LM's log-probabilities
+of co-occurring features with McRae's co-probabilities before and after none, prefix, replace
+or remedi; --data is CONCS_FEATS_concstats_brm.txt) or biosbias (top-1 / top-3 occupation
+accuracy, fluency and consistency, contextual and decontextual, for none or remedi; --data is
+the Bias in Bios pickle). Their settings are the probe, mcrae and biosbias sections below; they
+write summary.json, summary.md and cases.jsonl.
+
+--data: builtin[:train|validation|test|famous-tune|famous-test] (the built-in facts; builtin alone
+is the test split; famous-tune and famous-test: harder cases whose neighbours are famous subjects
+of the same relation and object, sharing no subject with each other) or
 a .json file (a list of objects, or {"records": [...]}) or .jsonl file (one object a line) in one
 of these layouts, told apart by the first record's keys:
   CounterFact as published by ROME:
@@ -172,11 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the complete configuration as YAML (readable by --config) and exit",
     )
     p.add_argument(
+        "--task",
+        default="counterfact",
+        choices=("counterfact", "probe", "mcrae", "biosbias"),
+        help="counterfact: the editing table; probe, mcrae, biosbias: REMEDI's own evaluations "
+        "(see --task below)",
+    )
+    p.add_argument(
         "--method",
         action="append",
-        required=True,
+        default=None,
         choices=METHODS,
-        help="a method to score; repeat the flag to score several, one table row each",
+        help="a method to score; repeat the flag to score several, one table row each "
+        "(required for --task counterfact)",
     )
     p.add_argument(
         "--model",
@@ -328,7 +360,8 @@ def _check_args(args: argparse.Namespace) -> str | None:
         check_output_dir(args.output)
         for flag in POSITIVE_FLAGS:
             check_positive(getattr(args, flag.removeprefix("--").replace("-", "_")), flag)
-        args.checkpoints = checkpoint_paths(args.checkpoint, args.method)
+        args.checkpoints = checkpoint_paths(args.checkpoint, args.method, args.model)
+        check_model_layers(args.model, layer_flags(args))
     except ValueError as err:
         return str(err)
     from remedi.methods.rome import CONTEXT_PREFIXES
@@ -349,7 +382,21 @@ def _check_args(args: argparse.Namespace) -> str | None:
     return None
 
 
-def checkpoint_paths(values: Sequence[str], methods: Sequence[str]) -> dict[str, Path]:
+def layer_flags(args: argparse.Namespace) -> dict[str, list[int | None]]:
+    """The layers each layer flag (and config section) asks for, to check against the model."""
+    sections = args.settings
+    return {
+        "--layer": [args.layer],
+        "--memit-layers": list(args.memit_layers or []),
+        "--rome.layer": [sections["rome"].layer],
+        "--ft.layer": [sections["ft"].layer],
+        "--memit.layers": list(sections["memit"].layers or []),
+    }
+
+
+def checkpoint_paths(
+    values: Sequence[str], methods: Sequence[str], model: str | None = None
+) -> dict[str, Path]:
     """``--checkpoint`` values (``PATH`` or ``METHOD=PATH``) -> a path per learned method asked
     for; a bare path serves the one learned method of the command."""
     learned = [m for m in dict.fromkeys(methods) if m in LEARNED]
@@ -370,7 +417,7 @@ def checkpoint_paths(values: Sequence[str], methods: Sequence[str]) -> dict[str,
         if method not in paths:
             hint = f"--checkpoint {method}=PATH" if len(learned) > 1 else "--checkpoint PATH"
             raise ValueError(f"--method {method} needs {hint}")
-        check_checkpoint_file(paths[method])
+        check_checkpoint_file(paths[method], method=method, model=model)
     return paths
 
 
@@ -417,6 +464,8 @@ class Runner:
         """Score ``method`` on ``cases``. With ``--generation``, each case's generation prompts
         are also sampled while its edit is applied (kept in :attr:`samples`)."""
         self.samples: list[list[str]] = [[] for _ in cases]
+        if method == "replace":
+            return self._replace(cases)
         sampler = self._sampler(method, cases) if self.args.generation else None
         if method == "remedi":
             return self._remedi(cases, sampler)
@@ -486,6 +535,26 @@ class Runner:
                 progress.close()
 
         return sample
+
+    def _replace(self, cases: Sequence[EditCase]) -> MethodResult:
+        """The replace baseline, its partners drawn from every case of ``--data``; generations
+        are sampled from the prompts with the partner's subject."""
+        from remedi.methods.replace import replaced_cases
+
+        pool = getattr(self.args, "case_pool", None) or cases
+        sampler = None
+        if self.args.generation:
+            swapped = replaced_cases(cases, pool)
+            shown = [s or c for s, c in zip(swapped, cases, strict=True)]
+            sampler = self._sampler("replace", shown)
+        return score_method(
+            self.lm,
+            "replace",
+            cases,
+            batch_size=self.args.batch_size,
+            under_edit=sampler,
+            pool=pool,
+        )
 
     def _remedi(self, cases: Sequence[EditCase], sampler: Sampler | None) -> MethodResult:
         from lightning_modules.remedi_module import case_context
@@ -621,6 +690,9 @@ def evaluate(
         summary = summarize(result.per_case)
         fields = run_protocol(args, family, method) | {"model": lm.spec}
         rows.append(summary_row(result, lm.spec, len(cases), summary, names, fields))
+        if result.skipped:
+            rows[-1]["n_cases"] = len(cases) - len(result.skipped)
+            rows[-1]["n_skipped"] = len(result.skipped)
         if args.generation:
             texts = runner.samples
             if samples is not None:
@@ -637,8 +709,10 @@ def evaluate(
                 "target_true": case.target_true,
                 "target_new": case.target_new,
                 **metrics,
-                "took": took(metrics),
+                "took": took(metrics) if i not in result.skipped else None,
             }
+            if i in result.skipped:
+                record["skipped"] = True
             if result.edit_seconds:
                 record["seconds"] = result.edit_seconds[i]
             records.append(record)
@@ -650,8 +724,8 @@ def load_data(spec: str) -> list[EditCase]:
     default) or a JSON/JSONL file in any layout :func:`remedi.data.load_cases` reads."""
     name, _, split = spec.partition(":")
     if name == "builtin":
-        if split and split not in SPLITS:
-            raise UsageError(f"--data {spec}: the built-in splits are {', '.join(SPLITS)}")
+        if split and split not in ALL_SPLITS:
+            raise UsageError(f"--data {spec}: the built-in splits are {', '.join(ALL_SPLITS)}")
         return load_builtin(split or "test")
     try:
         return load_cases(spec)
@@ -670,7 +744,8 @@ def took(metrics: dict[str, float]) -> bool:
 def took_line(method: str, records: Sequence[dict[str, Any]], shown: int = 10) -> str:
     """``METHOD: K/N edits took (ES x)``, naming the cases whose edit did not take (zsRE:
     ``efficacy accuracy x`` instead of ES)."""
-    mine = [r for r in records if r["method"] == method]
+    mine = [r for r in records if r["method"] == method and not r.get("skipped")]
+    skipped = sum(1 for r in records if r["method"] == method and r.get("skipped"))
     failed = [str(r["case_id"]) for r in mine if not r["took"]]
     line = f"{method}: {len(mine) - len(failed)}/{len(mine)} edits took"
     accuracies = [r["efficacy_accuracy"] for r in mine if "efficacy_accuracy" in r]
@@ -682,11 +757,18 @@ def took_line(method: str, records: Sequence[dict[str, Any]], shown: int = 10) -
         more = f" and {len(failed) - shown} more" if len(failed) > shown else ""
         cases = "case" if len(failed) == 1 else "cases"
         line += f"; not taken: {cases} {', '.join(failed[:shown])}{more}"
+    if skipped:
+        line += (
+            f"; {skipped} skipped (no other subject of the same relation has target_new as "
+            "its true object)"
+        )
     return line
 
 
+@interruptible
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (2 for a usage error)."""
+    """Run the command line; returns the exit code (2 for a usage error, 128 + the signal's
+    number after SIGINT or SIGTERM)."""
     quiet_warnings()
     release_freed_memory()
     parser = build_parser()
@@ -699,6 +781,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if parsed.print_config:
         evaluate_config.print_config(args, args.settings)
         return 0
+    if args.task != "counterfact":
+        from remedi.evaluations import tasks
+
+        return tasks.main(args)
+    if not args.method:
+        return fail("--method is required with --task counterfact (e.g. --method none)")
     methods = list(dict.fromkeys(args.method))
     problem = _check_args(args)
     if problem:
@@ -729,14 +817,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         lm = load_model(args.model, dtype=args.dtype, device=args.device)
     except MODEL_LOAD_ERRORS as err:
         return fail(f"--model {args.model}: {one_line(err)}")
-    sections = args.settings
-    checked = [("--layer", [args.layer]), ("--memit-layers", args.memit_layers or [])]
-    checked += [("--rome.layer", [sections["rome"].layer]), ("--ft.layer", [sections["ft"].layer])]
-    checked.append(("--memit.layers", list(sections["memit"].layers or [])))
-    for name, layers in checked:
-        bad = [x for x in layers if x is not None and not 0 <= x < lm.arch.num_layers]
-        if bad:
-            return fail(f"{name} {bad[0]} is out of range (0..{lm.arch.num_layers - 1})")
+    try:
+        check_layers(lm.arch.num_layers, layer_flags(args), args.model)
+    except UsageError as err:
+        return fail(err)
     trained: dict[str, Any] = {}
     if args.checkpoints:
         from lightning_modules import load_trained
@@ -746,6 +830,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 trained[method] = load_trained(method, path, lm, args.dtype)
             except (OSError, ValueError) as err:
                 return fail(file_error("--checkpoint", path, err))
+    args.case_pool = cases
     if args.known_only:
         cases = [cases[i] for i in known_cases(lm, cases, args.batch_size)]
     if args.limit is not None:
@@ -816,27 +901,30 @@ def write_outputs(
     append: bool = False,
 ) -> None:
     """Write the table (JSON, Markdown, bar chart), the per-case records and, when given, the
-    generation samples into ``output``, each file atomically. With ``append``, ``rows`` is the
-    whole table and the records and samples are added to those already there."""
+    generation samples into ``output``, all at once: into a staged copy of the folder that
+    replaces it when complete (:func:`~remedi.atomic.atomic_dir`), so an interruption leaves
+    the earlier files whole, never new records beside an old table. With ``append``, ``rows``
+    is the whole table and the records and samples are added to those already there."""
     from remedi.methods import figures
 
-    def write_lines(name: str, lines: Sequence[str]) -> None:
-        path = output / name
-        before = path.read_text() if append and path.exists() else ""
-        write_text(path, before + "".join(lines))
+    with atomic_dir(output, update=True) as staged:
 
-    write_lines("cases.jsonl", [json.dumps(r) + "\n" for r in records])
-    if samples is not None:
-        lines = [
-            json.dumps({"method": method, "case_id": case.case_id, "samples": texts}) + "\n"
-            for method, per_case in samples.items()
-            for case, texts in zip(cases, per_case, strict=True)
-        ]
-        write_lines("generations.jsonl", lines)
-    summary: Any = rows[0] if len(rows) == 1 else list(rows)
-    write_text(output / "summary.json", json.dumps(summary, indent=2) + "\n")
-    write_text(output / "summary.md", markdown_table(rows))
-    figures.save_figure(figures.summary_bars(rows), output / "chart.png")
+        def write_lines(name: str, lines: Sequence[str]) -> None:
+            before = (output / name).read_text() if append and (output / name).exists() else ""
+            (staged / name).write_text(before + "".join(lines), encoding="utf-8")
+
+        write_lines("cases.jsonl", [json.dumps(r) + "\n" for r in records])
+        if samples is not None:
+            lines = [
+                json.dumps({"method": method, "case_id": case.case_id, "samples": texts}) + "\n"
+                for method, per_case in samples.items()
+                for case, texts in zip(cases, per_case, strict=True)
+            ]
+            write_lines("generations.jsonl", lines)
+        summary: Any = rows[0] if len(rows) == 1 else list(rows)
+        (staged / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", "utf-8")
+        (staged / "summary.md").write_text(markdown_table(rows), encoding="utf-8")
+        figures.save_figure(figures.summary_bars(rows), staged / "chart.png")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import jsonargparse
 import yaml
 
 from remedi.cli import UsageError, one_line
+from remedi.evaluations.settings import BiosSettings, McRaeSettings, ProbeSettings
 from remedi.methods.finetune import FinetuneHyperParams
 from remedi.methods.memit import MemitHyperParams
 from remedi.methods.memit import default_layers as memit_default_layers
@@ -42,8 +43,12 @@ SECTIONS: dict[str, type] = {
     "rome": RomeHyperParams,
     "memit": MemitHyperParams,
     "ft": FinetuneHyperParams,
+    "probe": ProbeSettings,
+    "mcrae": McRaeSettings,
+    "biosbias": BiosSettings,
 }
-"""Config sections and the hyperparameter dataclass each one fills (``ft`` serves FT and FT-L)."""
+"""Config sections and the dataclass each one fills (``ft`` serves FT and FT-L; ``probe``,
+``mcrae`` and ``biosbias`` hold the settings of those tasks, see :mod:`remedi.evaluations`)."""
 ALIASES: dict[str, tuple[tuple[str, str], ...]] = {
     "layer": (("rome", "layer"), ("ft", "layer")),
     "n_context": (("rome", "n_context"), ("memit", "n_context")),
@@ -153,7 +158,11 @@ def load(argv: Sequence[str], flat: argparse.ArgumentParser) -> ParsedConfig:
     try:
         cfg = parser.parse_args(ours)
     except (argparse.ArgumentError, jsonargparse.ArgumentError, ValueError) as err:
-        raise UsageError(_one_line(err)) from err
+        message = _one_line(err)
+        files = [ours[i + 1] for i, flag in enumerate(ours[:-1]) if flag == "--config"]
+        if files and re.search(r"is not accepted|does not accept option", message):
+            message = f"--config {files[-1]}: {message}"  # a key of the file: name the file
+        raise UsageError(message) from err
     pinned = {
         (name[2:].partition(".")[0], name[2:].partition(".")[2].partition(".")[0])
         for name in ours[::2]
@@ -248,7 +257,10 @@ def sections_help() -> str:
         )
         text = f"{cls.__name__}: {fields}"
         lines += textwrap.wrap(
-            text, 98, initial_indent=f"  --{name}.FIELD VALUE".ljust(22), subsequent_indent=" " * 22
+            text,
+            98,
+            initial_indent=f"  --{name}.FIELD VALUE ".ljust(22),
+            subsequent_indent=" " * 22,
         )
     lines.append(
         "  null layers and clamps take the model's default (evaluate_config.model_defaults)"

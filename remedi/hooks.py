@@ -137,6 +137,16 @@ def intervene(
             handle.remove()
 
 
+def count_hooks(model: torch.nn.Module) -> int:
+    """How many forward, forward-pre and backward hooks are registered on ``model``'s modules.
+
+    Zero on a frozen LM between edits: every hook placed by :func:`intervene` (or by a method's
+    own recorder) is removed on exit, so a nonzero count after an edit or an evaluation is a leak.
+    """
+    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return sum(len(getattr(module, kind, {})) for module in model.modules() for kind in kinds)
+
+
 def position_index(positions: Positions, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn per-row token positions into ``(rows, cols)`` index tensors.
 

@@ -31,6 +31,7 @@ from remedi.cli import (
     HelpFormatter,
     UsageError,
     check_device,
+    check_model_layers,
     check_model_spec,
     check_output_dir,
     check_positive,
@@ -187,6 +188,7 @@ def _parser() -> argparse.ArgumentParser:
 def _check(args: argparse.Namespace) -> None:
     """Validate everything that does not need the model; raises :class:`UsageError`."""
     check_model_spec(args.model)
+    check_model_layers(args.model, {})
     check_device(args.device)
     check_output_dir(args.output)
     check_positive(args.threads, "--threads")

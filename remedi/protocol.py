@@ -16,7 +16,14 @@ from remedi.methods.second_moment import DEFAULT_SOURCE
 
 FIELDS = ("metric_family", "scoring", "generation", "statistics", "dtype", "model")
 """The row fields that make up a protocol (``statistics`` is None where a method uses none)."""
-FAMILIES = {"counterfact": "CounterFact probability comparisons", "zsre": "zsRE token accuracies"}
+FAMILIES = {
+    "counterfact": "CounterFact probability comparisons",
+    "zsre": "zsRE token accuracies",
+    "probe": "REMEDI probe (Fact-Med / Fact-Prior) classification",
+    "mcrae": "McRae entailment correlations",
+    "biosbias": "Bias in Bios occupation accuracy and generation",
+}
+"""Metric families in words: the editing tables' and REMEDI's own evaluations' (``--task``)."""
 UNRECORDED = "unrecorded"
 """Stands for a field missing from a row written before rows carried their protocol."""
 

@@ -105,6 +105,8 @@ def _pad(
     rows: Sequence[Sequence[int]], pad_id: int, side: PaddingSide
 ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Pad id lists into ``(input_ids, attention_mask, shift per row)``."""
+    if not rows:
+        raise ValueError("no prompts to encode: the batch is empty")
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)

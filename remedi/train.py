@@ -41,7 +41,9 @@ import torch
 from jsonargparse import DefaultHelpFormatter, Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from datamodules import EditCaseDataModule
 from lightning_modules import (
@@ -51,20 +53,27 @@ from lightning_modules import (
     is_registered,
     shared_model,
 )
-from lightning_modules.learned_editor import check_checkpoint_meta
+from lightning_modules.learned_editor import NonFiniteLossError, check_checkpoint_meta
 from remedi.allocator import release_freed_memory
-from remedi.atomic import write_json
+from remedi.atomic import atomic_path, write_json
 from remedi.cli import (
     UsageError,
     check_device,
+    check_layers,
+    check_model_layers,
     check_model_spec,
+    check_output_dir,
+    checkpoint_meta_problem,
     fail,
+    file_error,
     one_line,
     quiet_warnings,
 )
 from remedi.models.loading import resolve_dtype
 
 PROG = "python -m remedi.train"
+TRAINING_FAILED = 1
+"""Exit code of a run that stopped on its own (a non-finite loss), not on a usage error."""
 DEFAULT_ROOT = "checkpoints/default"
 FOLLOW_ROOT = "<trainer.default_root_dir>"
 """The default logger's ``save_dir``: replaced by the run directory before the logger is built."""
@@ -140,6 +149,60 @@ class RunCheckpoint(ModelCheckpoint):
         """Write ``last.ckpt`` unless this step's checkpoint was just saved."""
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if trainer.is_global_zero and self.dirpath and Path(self.dirpath).is_dir():
+            tracked = [*self.best_k_models, self.best_model_path, self.last_model_path]
+            remove_leftovers(Path(self.dirpath), [p for p in tracked if p])
+
+
+def remove_leftovers(run_dir: Path, tracked: list[str]) -> None:
+    """Remove what a killed run left in its directory: half-written checkpoint temporaries and,
+    when the run resumes its own state (``tracked``: the checkpoints that state names), the
+    ``best*.ckpt`` files it does not name. Those were saved after the checkpoint it resumes
+    from; the resumed run writes them again, and would otherwise add ``-v1`` copies."""
+    for path in run_dir.glob("*.ckpt.*.tmp"):
+        path.unlink(missing_ok=True)
+    keep = {Path(p).resolve() for p in tracked}
+    if not any(p.parent == run_dir.resolve() for p in keep):
+        return  # a new run, or one started from another run's checkpoint
+    for path in run_dir.glob("best*.ckpt"):
+        if path.resolve() not in keep:
+            path.unlink(missing_ok=True)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written atomically and durably: into a temporary file beside the target,
+    flushed to disk, renamed over it, and the folder flushed (:func:`remedi.atomic.atomic_path`).
+    Lightning's own writer stages the file in the system temporary folder and moves it (a copy
+    when that is another file system) without flushing, so a crash can leave a truncated or
+    empty ``last.ckpt`` in place of the previous one."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+
+
+class RunConfigCallback(SaveConfigCallback):
+    """Lightning's writer of the resolved config, writing it atomically and durably too."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        save = self.parser.save
+
+        def atomic_save(config: Namespace, path: str, **kwargs: Any) -> None:
+            with atomic_path(path) as tmp:
+                save(config, str(tmp), **{**kwargs, "overwrite": True})
+
+        self.parser.save = atomic_save
+        try:
+            super().setup(trainer, pl_module, stage)
+        finally:
+            del self.parser.save
 
 
 class LogProgressBar(TQDMProgressBar):
@@ -244,6 +307,9 @@ class RemediCLI(LightningCLI):
         self.config[subcommand].ckpt_path = path
         given = self.config[subcommand].model.init_args
         check_checkpoint_arguments(saved_class, defaults, given, path, resume=subcommand == "fit")
+        problem = checkpoint_meta_problem(checkpoint["remedi"], model=given.get("model"))
+        if problem:  # a checkpoint without hyperparameters: its remedi entry says, before loading
+            raise UsageError(f"--ckpt_path {path}: {problem}")
         self._checkpoint = (path, {"remedi": checkpoint.get("remedi")})
 
     def _checkpoint_file(self, subcommand: str, config: Namespace) -> str | None:
@@ -256,6 +322,9 @@ class RemediCLI(LightningCLI):
         if given == "last":
             if (root / "last.ckpt").is_file():
                 return str(root / "last.ckpt")
+            best = sorted(root.glob("best*.ckpt"), key=lambda p: p.stat().st_mtime)
+            if subcommand == "fit" and best:  # killed while writing its first last.ckpt
+                return str(best[-1])
             if subcommand == "fit":
                 config.ckpt_path = None
                 self._resume_note = f"new run: no {root / 'last.ckpt'} to resume yet"
@@ -284,6 +353,7 @@ class RemediCLI(LightningCLI):
             logger.init_args.save_dir = root
         if self.subcommand and self.subcommand != "fit":
             self.save_config_kwargs["config_filename"] = f"config-{self.subcommand}.yaml"
+        check_output_dir(self.run_dir, "--trainer.default_root_dir")
         if self.subcommand == "fit" and not config.get("ckpt_path"):
             check_new_run(self.run_dir)
         check_trainer(config.trainer)
@@ -307,6 +377,10 @@ class RemediCLI(LightningCLI):
             # Lightning's default rich bar draws only its last frame into a file or pipe, so a
             # redirected fit would say nothing for its whole length: log with tqdm lines instead.
             kwargs["callbacks"] = [*given, LogProgressBar()]
+        plugins = trainer.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         try:
             return super().instantiate_trainer(**kwargs)
         except (TypeError, ValueError, MisconfigurationException) as err:
@@ -417,9 +491,16 @@ def check_data(data: Namespace, subcommand: str | None) -> None:
         raise UsageError("predict needs --data.predict_path, a JSONL file of requests")
     cls = _import(str(data.class_path), "--data")
     try:
-        cls(**init)
+        module = cls(**init)
     except (ValueError, TypeError, OSError) as err:  # messages start with the argument's name
         raise UsageError(f"--data.{one_line(err)}") from err
+    try:
+        module.setup(subcommand)  # reads and validates the records; needs no model
+    except (ValueError, OSError) as err:
+        path = init.get("path")
+        raise UsageError(
+            file_error("--data.path", path, err) if path else f"--data: {one_line(err)}"
+        ) from err
 
 
 def check_model(model: Namespace) -> None:
@@ -431,21 +512,18 @@ def check_model(model: Namespace) -> None:
         resolve_dtype(dtype)
     except ValueError as err:
         raise UsageError(f"--model.model_dtype: {err}") from err
+    layers = {}
+    for key in ("layer", "layers"):
+        value = init.get(key)
+        layers[f"--model.{key}"] = [value] if isinstance(value, int) else list(value or [])
     if not is_registered(spec, dtype):
         check_model_spec(spec, "--model.model")
+        check_model_layers(spec, layers, "--model.model", allow_negative=True)
     try:
         lm = shared_model(spec, dtype)
     except (ValueError, OSError) as err:
         raise UsageError(f"--model.model: {one_line(err)}") from err
-    n = lm.arch.num_layers
-    for key in ("layer", "layers"):
-        value = init.get(key)
-        layers = [value] if isinstance(value, int) else list(value or [])
-        if any(not -n <= layer < n for layer in layers):
-            raise UsageError(
-                f"--model.{key} {value}: out of range for {spec}, which has {n} layers "
-                f"(valid: 0..{n - 1}, or -{n}..-1 counting from the end)"
-            )
+    check_layers(lm.arch.num_layers, layers, spec, allow_negative=True)
 
 
 def read_checkpoint(path: str) -> dict[str, Any]:
@@ -625,6 +703,7 @@ def run(args: list[str] | None = None) -> RemediCLI:
         trainer_defaults=TRAINER_DEFAULTS,
         args=args,
         auto_configure_optimizers=False,
+        save_config_callback=RunConfigCallback,
         save_config_kwargs={"overwrite": True},
         parser_class=TrainArgumentParser,
         parser_kwargs={"prog": PROG, "description": DESCRIPTION, "allow_abbrev": False},
@@ -632,11 +711,16 @@ def run(args: list[str] | None = None) -> RemediCLI:
 
 
 def main(args: list[str] | None = None) -> int:
-    """The command line: 0 after a run, 2 after a one-line usage error on stderr."""
+    """The command line: 0 after a run, 2 after a one-line usage error on stderr, 1 after a
+    non-finite loss (one line; the checkpoints are those of the last good validation)."""
     try:
         run(args)
     except UsageError as err:
         return fail(err)
+    except NonFiniteLossError as err:
+        if getattr(rank_zero_only, "rank", 0) == 0:
+            print(f"error: {err}; stopped before saving that state", file=sys.stderr)
+        return TRAINING_FAILED
     return 0
 
 

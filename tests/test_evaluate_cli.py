@@ -271,7 +271,7 @@ def test_a_checkpoint_without_an_editor_is_one_line(
     args = _args(setup, "--method", "remedi", "--checkpoint", str(checkpoint))
     assert evaluate.main(args) == 2
     errors = _errors(capsys.readouterr().err)
-    assert len(errors) == 1 and errors[0].startswith(f"error: checkpoint {checkpoint}: ")
+    assert len(errors) == 1 and errors[0].startswith(f"error: --checkpoint {checkpoint}: ")
     assert not setup["out"].exists()
 
 

@@ -256,7 +256,7 @@ def test_evaluate_refuses_a_checkpoint_of_another_method(
     args = ["--model", str(saved["model"]), "--data", str(saved["data"]), "--method", "ke"]
     code = evaluate.main([*args, "--checkpoint", str(saved["ckpt"]), "--output", "x"])
     last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert code == 2 and last.startswith(f"error: checkpoint {saved['ckpt']}: trained a 'mend'")
+    assert code == 2 and last.startswith(f"error: --checkpoint {saved['ckpt']}: trained a 'mend'")
 
 
 def test_edit_applies_a_trained_editor_and_saves_the_model(saved: dict[str, Path]) -> None:

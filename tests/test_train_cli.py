@@ -415,7 +415,7 @@ def test_unknown_keys_are_one_line_with_the_closest_key(
         (["--model.model", "nonsense"], "error: --model.model 'nonsense' is neither"),
         (
             ["--model.layer", "99"],
-            "error: --model.layer 99: out of range for tiny-gemma3_text, which has 3 layers",
+            "error: --model.layer 99 is out of range for tiny-gemma3_text, which has 3 layers",
         ),
         (["--model.model_dtype", "float8"], "error: --model.model_dtype: dtype 'float8'"),
         (["--ckpt_path", "nope.ckpt"], "error: --ckpt_path nope.ckpt: no such file"),

@@ -1,4 +1,13 @@
-"""The built-in counterfactual facts (CounterFact layout) that the default model knows."""
+"""The built-in counterfactual facts (CounterFact layout) that the default model knows.
+
+``train``, ``validation`` and ``test`` are the original splits (:data:`SPLITS`; what
+``load_builtin()`` returns together). ``famous-tune`` and ``famous-test``
+(:data:`FAMOUS_SPLITS`) are a harder set: each neighbourhood prompt states the same relation
+about another famous subject whose true object is the edited case's ``target_true`` (Honda's
+and Sony's headquarters for Toyota's), kept only where the unedited default model prefers the
+true object (``benchmarks/famous_neighbours.py``). The two famous splits share no subject, so
+settings tuned on one can be reported on the other.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +18,20 @@ from typing import Literal
 from remedi.data.cases import EditCase
 from remedi.data.readers import parse_records
 
-Split = Literal["train", "validation", "test"]
+Split = Literal["train", "validation", "test", "famous-tune", "famous-test"]
 SPLITS: tuple[Split, ...] = ("train", "validation", "test")
+FAMOUS_SPLITS: tuple[Split, ...] = ("famous-tune", "famous-test")
+ALL_SPLITS: tuple[Split, ...] = SPLITS + FAMOUS_SPLITS
 
 
 def load_builtin(split: Split | None = None) -> list[EditCase]:
-    """Cases of one split of the built-in facts, or all of them (train, validation, test)."""
-    if split is not None and split not in SPLITS:
-        raise ValueError(f"split {split!r} must be one of {', '.join(SPLITS)} or None")
+    """Cases of one split of the built-in facts (:data:`ALL_SPLITS`), or those of the original
+    splits together (train, validation, test) for None."""
+    if split is not None and split not in ALL_SPLITS:
+        raise ValueError(f"split {split!r} must be one of {', '.join(ALL_SPLITS)} or None")
     cases: list[EditCase] = []
     for name in SPLITS if split is None else (split,):
-        text = resources.files("remedi.data").joinpath("builtin", f"{name}.json").read_text()
-        cases.extend(parse_records(json.loads(text), source=f"builtin/{name}.json")[0])
+        file = f"{name.replace('-', '_')}.json"
+        text = resources.files("remedi.data").joinpath("builtin", file).read_text(encoding="utf-8")
+        cases.extend(parse_records(json.loads(text), source=f"builtin/{file}")[0])
     return cases

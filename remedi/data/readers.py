@@ -49,12 +49,44 @@ def template_for(case_id: object, prompt: str, subject: str) -> str:
     return prompt.replace(subject, "{}", 1)
 
 
-def _as_list(value: Any) -> list[str]:
+_TEXT = (str, int, float)
+"""JSON scalars that read as text (a year, a number answer); booleans, lists and objects do not."""
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, _TEXT) and not isinstance(value, bool)
+
+
+def _as_list(rec: dict[str, Any], key: str) -> list[str]:
+    """``rec[key]`` as a list of strings: absent or null is empty, one string is a list of one;
+    anything but strings (or numbers) is a ``ValueError`` naming the field."""
+    value = rec.get(key)
     if value is None:
         return []
-    if isinstance(value, str):
-        return [value] if value else []
+    if _is_text(value):
+        return [str(value)] if str(value) else []
+    if not isinstance(value, list | tuple) or not all(_is_text(v) for v in value):
+        raise ValueError(f"{key}: expected a string or a list of strings, got {_shape(value)}")
     return [str(v) for v in value]
+
+
+def _shape(value: Any) -> str:
+    """A JSON value's kind in words, for messages (``a list holding an object``)."""
+    if isinstance(value, list):
+        odd = next((v for v in value if not _is_text(v)), None)
+        return f"a list holding {_shape(odd)}" if value else "an empty list"
+    kinds = {dict: "an object", bool: "a boolean", type(None): "null"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _locality(rec: dict[str, Any]) -> list[dict[str, Any]]:
+    """EasyEdit's ``locality`` entries: a list of ``{prompt, ground_truth}`` objects."""
+    value = rec.get("locality") or []
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise ValueError(
+            f"locality: expected a list of {{prompt, ground_truth}} objects, got {_shape(value)}"
+        )
+    return value
 
 
 def _str_of(value: Any) -> str:
@@ -77,10 +109,10 @@ def _from_rome(rec: dict[str, Any]) -> EditCase:
         target_true=_str_of(rw.get("target_true")),
         target_new=_str_of(rw.get("target_new")),
         relation_id=str(rw.get("relation_id", "")),
-        paraphrase_prompts=_as_list(rec.get("paraphrase_prompts")),
-        neighborhood_prompts=_as_list(rec.get("neighborhood_prompts")),
-        attribute_prompts=_as_list(rec.get("attribute_prompts")),
-        generation_prompts=_as_list(rec.get("generation_prompts")),
+        paraphrase_prompts=_as_list(rec, "paraphrase_prompts"),
+        neighborhood_prompts=_as_list(rec, "neighborhood_prompts"),
+        attribute_prompts=_as_list(rec, "attribute_prompts"),
+        generation_prompts=_as_list(rec, "generation_prompts"),
     )
 
 
@@ -88,9 +120,9 @@ def _from_mend(rec: dict[str, Any]) -> EditCase:
     cid = rec.get("case_id")
     subject = str(rec.get("subject", ""))
     truth = _str_of(rec.get("ground_truth"))
-    neighborhood = _as_list(rec.get("locality_prompt"))
-    neighbor_targets = _as_list(rec.get("locality_ground_truth"))
-    for item in rec.get("locality") or []:
+    neighborhood = _as_list(rec, "locality_prompt")
+    neighbor_targets = _as_list(rec, "locality_ground_truth")
+    for item in _locality(rec):
         neighborhood.append(str(item.get("prompt", "")))
         neighbor_targets.append(_str_of(item.get("ground_truth")))
     same_object = all(t == truth for t in neighbor_targets)
@@ -102,7 +134,7 @@ def _from_mend(rec: dict[str, Any]) -> EditCase:
         target_true=truth,
         target_new=_str_of(rec.get("target_new")),
         relation_id=str(rec.get("relation_id", "")),
-        paraphrase_prompts=_as_list(rec.get("rephrase_prompt")),
+        paraphrase_prompts=_as_list(rec, "rephrase_prompt"),
         neighborhood_prompts=neighborhood,
         neighborhood_targets=None if same_object else neighbor_targets,
         benchmark="zsre" if zsre else "counterfact",
@@ -112,16 +144,16 @@ def _from_mend(rec: dict[str, Any]) -> EditCase:
 def _from_zsre_mend(rec: dict[str, Any]) -> EditCase:
     cid = rec.get("case_id")
     subject = str(rec.get("subject", ""))
-    answers = _as_list(rec.get("answers"))
+    answers = _as_list(rec, "answers")
     return EditCase(
         case_id=cid if cid is not None else -1,
         subject=subject,
         prompt=template_for(cid, str(rec.get("src", "")), subject),
         target_true=answers[0] if answers else str(rec.get("pred", "")),
         target_new=str(rec.get("alt", "")),
-        paraphrase_prompts=_as_list(rec.get("rephrase")),
-        neighborhood_prompts=_as_list(rec.get("loc")),
-        neighborhood_targets=_as_list(rec.get("loc_ans")),
+        paraphrase_prompts=_as_list(rec, "rephrase"),
+        neighborhood_prompts=_as_list(rec, "loc"),
+        neighborhood_targets=_as_list(rec, "loc_ans"),
         benchmark="zsre",
     )
 
@@ -187,6 +219,9 @@ def parse_records(
     records = list(records)
     if not records:
         raise ValueError(f"{source} holds no records")
+    odd = next((i for i, rec in enumerate(records) if not isinstance(rec, dict)), None)
+    if odd is not None:
+        raise ValueError(f"{source}: record {odd} is {_shape(records[odd])}, not a JSON object")
     layout = detect_layout(records[0])
     convert = _LAYOUTS[layout][1]
     cases: list[EditCase] = []

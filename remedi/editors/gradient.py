@@ -28,7 +28,7 @@ from torch import nn
 from remedi.data import EditCase
 from remedi.hooks import EditFn, Site, intervene
 from remedi.methods.rome import mlp_out_param
-from remedi.methods.weights import EditHandle, backup, param_name
+from remedi.methods.weights import EditHandle, backup, param_name, restored_on_error
 from remedi.models import LoadedModel
 from remedi.tokens import encode_continuations, score_continuations
 
@@ -140,17 +140,14 @@ def write_updates(lm: LoadedModel, updates: Sequence[LayerUpdate]) -> EditHandle
     names = [param_name(lm.model, mlp_out_param(lm, u.layer)) for u in updates]
     handle = backup(lm.model, names)
     norms = []
-    try:
+    with restored_on_error(handle):
         with torch.no_grad():
             for update in updates:
                 weight = lm.arch.mlp_out_weight(update.layer)
                 delta = update.delta()
                 weight.add_(delta.to(weight.dtype))
                 norms.append(float(delta.norm()))
-    except BaseException:
-        handle.restore()
-        raise
-    handle.info.update(layers=[u.layer for u in updates], update_norms=norms)
+        handle.info.update(layers=[u.layer for u in updates], update_norms=norms)
     return handle
 
 
@@ -198,7 +195,8 @@ class GradientEditor(nn.Module):
         finally:
             self.train(was_training)
         handle = write_updates(lm, updates)
-        handle.info.update(method=self.method, n_requests=len(cases))
+        with restored_on_error(handle):
+            handle.info.update(method=self.method, n_requests=len(cases))
         return handle
 
 

@@ -17,7 +17,7 @@ import torch
 from remedi.data import EditCase
 from remedi.methods.requests import EditRequest, as_request
 from remedi.methods.rome import ForwardTail, default_layer
-from remedi.methods.weights import EditHandle, backup, param_name
+from remedi.methods.weights import EditHandle, backup, param_name, restored_on_error
 from remedi.models import LoadedModel
 from remedi.tokens import encode_continuations
 
@@ -57,31 +57,30 @@ def apply_edit(
     tail = ForwardTail(lm, layer, batch.input_ids, batch.attention_mask)
     optimiser = torch.optim.Adam([param], lr=hp.lr)
     losses: list[float] = []
+    frozen = not param.requires_grad
     param.requires_grad_(True)
-    try:
-        for _ in range(hp.steps):
-            optimiser.zero_grad()
-            logits = tail.logits_at(rows.to(lm.device), positions)
-            loss = torch.nn.functional.cross_entropy(logits, targets)
-            losses.append(float(loss.detach()))
-            if losses[-1] < hp.loss_threshold:
-                break
-            loss.backward()
-            optimiser.step()
-            if hp.eps is not None:
-                with torch.no_grad():
-                    param.copy_(torch.clamp(param, original - hp.eps, original + hp.eps))
-    except BaseException:
-        handle.restore()
-        raise
-    finally:
-        param.requires_grad_(False)
-        param.grad = None
-    handle.info.update(
-        method="ft-l" if hp.eps is not None else "ft",
-        layer=layer,
-        losses=losses,
-        hparams=asdict(hp),
-        seconds=time.perf_counter() - start,
-    )
+    with restored_on_error(handle):
+        try:
+            for _ in range(hp.steps):
+                optimiser.zero_grad()
+                logits = tail.logits_at(rows.to(lm.device), positions)
+                loss = torch.nn.functional.cross_entropy(logits, targets)
+                losses.append(float(loss.detach()))
+                if losses[-1] < hp.loss_threshold:
+                    break
+                loss.backward()
+                optimiser.step()
+                if hp.eps is not None:
+                    with torch.no_grad():
+                        param.copy_(torch.clamp(param, original - hp.eps, original + hp.eps))
+        finally:
+            param.requires_grad_(not frozen)
+            param.grad = None
+        handle.info.update(
+            method="ft-l" if hp.eps is not None else "ft",
+            layer=layer,
+            losses=losses,
+            hparams=asdict(hp),
+            seconds=time.perf_counter() - start,
+        )
     return handle

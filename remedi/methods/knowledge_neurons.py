@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from remedi.data import EditCase
 from remedi.hooks import Positions, Site, intervene, replace_at, scale_at
-from remedi.methods.weights import EditHandle, backup, param_name
+from remedi.methods.weights import EditHandle, backup, param_name, restored_on_error
 from remedi.models import LoadedModel
 from remedi.tokens import (
     encode_continuations,
@@ -324,37 +324,28 @@ def update_fact(
     old = _answer_embedding(lm, target_old)
     new = _answer_embedding(lm, target_new)
     handle = _backup_layers(lm, neurons)
-    with _restored_on_error(handle), torch.no_grad():
-        for n in neurons:
-            slot = lm.arch.mlp_out_weight(n.layer)[:, n.index]
-            norm = slot.norm()
-            delta = lambda_new * norm / new.norm() * new - lambda_old * norm / old.norm() * old
-            slot.add_(delta.to(slot))
-    handle.info.update(
-        method="kn", neurons=[[n.layer, n.index] for n in neurons], target_new=target_new
-    )
+    with restored_on_error(handle):
+        with torch.no_grad():
+            for n in neurons:
+                slot = lm.arch.mlp_out_weight(n.layer)[:, n.index]
+                norm = slot.norm()
+                delta = lambda_new * norm / new.norm() * new - lambda_old * norm / old.norm() * old
+                slot.add_(delta.to(slot))
+        handle.info.update(
+            method="kn", neurons=[[n.layer, n.index] for n in neurons], target_new=target_new
+        )
     return handle
-
-
-@contextmanager
-def _restored_on_error(handle: EditHandle) -> Iterator[None]:
-    """Restore ``handle``'s parameters bitwise if the block raises (then re-raise), so that a
-    failed edit never leaves the LM half-written."""
-    try:
-        yield
-    except BaseException:
-        handle.restore()
-        raise
 
 
 def erase(lm: LoadedModel, neurons: Sequence[Neuron]) -> EditHandle:
     """Zero the neurons' value slots; returns the handle that undoes it (restored before the
     error propagates if the edit fails midway)."""
     handle = _backup_layers(lm, neurons)
-    with _restored_on_error(handle), torch.no_grad():
-        for n in neurons:
-            lm.arch.mlp_out_weight(n.layer)[:, n.index] = 0
-    handle.info.update(method="kn-erase", neurons=[[n.layer, n.index] for n in neurons])
+    with restored_on_error(handle):
+        with torch.no_grad():
+            for n in neurons:
+                lm.arch.mlp_out_weight(n.layer)[:, n.index] = 0
+        handle.info.update(method="kn-erase", neurons=[[n.layer, n.index] for n in neurons])
     return handle
 
 
@@ -386,7 +377,8 @@ def apply_update(lm: LoadedModel, case: EditCase, **hparams: Any) -> EditHandle:
     hparams.setdefault("min_prompts", min(3, len(prompts)))
     found = identify(lm, prompts, old, **hparams)
     handle = update_fact(lm, found.neurons, old, case.target_new, **lambdas)
-    handle.info["share"] = found.share
+    with restored_on_error(handle):
+        handle.info["share"] = found.share
     return handle
 
 

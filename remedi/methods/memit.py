@@ -43,7 +43,7 @@ from remedi.methods.rome import (
     request_states,
 )
 from remedi.methods.second_moment import SecondMoment, float64_device
-from remedi.methods.weights import EditHandle, backup, param_name
+from remedi.methods.weights import EditHandle, backup, param_name, restored_on_error
 from remedi.models import LoadedModel
 
 KNOWN_LAYERS: dict[tuple[str, int], tuple[int, ...]] = {
@@ -206,7 +206,7 @@ def apply_edits(
 
     names = [param_name(lm.model, mlp_out_param(lm, layer)) for layer in layers]
     handle = backup(lm.model, names)
-    try:
+    with restored_on_error(handle):
         for i, layer in enumerate(tqdm(layers, desc="memit: layers", disable=not progress)):
             key_site, out_site = Site("mlp_in", layer), Site("mlp", layer)
             states = request_states(
@@ -224,18 +224,15 @@ def apply_edits(
             weight = lm.arch.mlp_out_weight(layer)
             with torch.no_grad():
                 weight.add_(update.to(weight.device, weight.dtype))
-    except BaseException:
-        handle.restore()
-        raise
-    handle.info.update(
-        method="memit",
-        layers=layers,
-        n_requests=len(reqs),
-        mom2_weight=lam,
-        z_steps=steps,
-        hparams=asdict(hp),
-        whitened=stats is not None,
-        post_norm_mapped=lm.arch.spec.post_mlp_norm is not None,
-        seconds=time.perf_counter() - start,
-    )
+        handle.info.update(
+            method="memit",
+            layers=layers,
+            n_requests=len(reqs),
+            mom2_weight=lam,
+            z_steps=steps,
+            hparams=asdict(hp),
+            whitened=stats is not None,
+            post_norm_mapped=lm.arch.spec.post_mlp_norm is not None,
+            seconds=time.perf_counter() - start,
+        )
     return handle

@@ -20,7 +20,7 @@ from remedi.methods.weights import EditHandle
 from remedi.metrics import evaluate_cases
 from remedi.models import LoadedModel
 
-BASELINES = ("none", "prefix", "ft", "ft-l", "rome", "memit", "kn")
+BASELINES = ("none", "prefix", "replace", "ft", "ft-l", "rome", "memit", "kn")
 """Methods that need no training (REMEDI, MEND and KE are scored through their checkpoints)."""
 STATS_METHODS = ("rome", "memit")
 SCORE_GROUP = 8
@@ -29,11 +29,13 @@ SCORE_GROUP = 8
 
 @dataclass
 class MethodResult:
-    """Per-case metrics of one method and the seconds each edit took to apply."""
+    """Per-case metrics of one method and the seconds each edit took to apply; ``skipped``
+    lists the cases the method could not score (``replace`` without a partner: empty metrics)."""
 
     method: str
     per_case: list[dict[str, float]]
     edit_seconds: list[float] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
 
 
 def prefix_case(case: EditCase) -> EditCase:
@@ -93,6 +95,8 @@ def score_method(
     progress: bool = True,
     under_edit: Callable[[range], None] | None = None,
     editor: Callable[[EditCase], EditHandle] | None = None,
+    pool: Sequence[EditCase] | None = None,
+    seed: int = 0,
 ) -> MethodResult:
     """Edit with ``method`` and score every case with the shared CounterFact metrics.
 
@@ -100,7 +104,8 @@ def score_method(
     moment. ``editor`` writes one case into the LM for methods that bring their own (a trained
     MEND or KE editor). The LM is restored after every case (or MEMIT group), exceptions
     included. ``under_edit(indices)`` runs after scoring, while the cases ``indices`` are still
-    written into the LM (e.g. to sample generations under the same edit).
+    written into the LM (e.g. to sample generations under the same edit). ``replace`` takes its
+    partner subjects from ``pool`` (default ``cases``; see :mod:`remedi.methods.replace`).
     """
     if method not in BASELINES and editor is None:
         raise ValueError(f"method {method!r} must be one of {', '.join(BASELINES)}")
@@ -122,6 +127,8 @@ def score_method(
                 result.per_case += score(first, group)
                 bar.update(len(group))
         return result
+    if method == "replace":
+        return _score_replace(lm, cases, pool, seed, batch_size, progress, under_edit)
     if method == "memit":
         return _score_memit(lm, cases, stats, hparams, memit_batch, score)
     edit = editor or case_editor(lm, method, layer, stats, hparams)
@@ -154,4 +161,34 @@ def _score_memit(
         with memit.apply_edits(lm, group, stats=stats, hparams=hparams):
             result.edit_seconds += [(time.perf_counter() - began) / len(group)] * len(group)
             result.per_case += score(start, group)
+    return result
+
+
+def _score_replace(
+    lm: LoadedModel,
+    cases: Sequence[EditCase],
+    pool: Sequence[EditCase] | None,
+    seed: int,
+    batch_size: int,
+    progress: bool,
+    under_edit: Callable[[range], None] | None,
+) -> MethodResult:
+    """Score each case with a partner's subject put in (no edit); cases without one are
+    skipped, with empty metrics."""
+    from remedi.methods.replace import replaced_cases
+
+    swapped = replaced_cases(cases, pool, seed)
+    kept = [i for i, case in enumerate(swapped) if case is not None]
+    result = MethodResult("replace", [{} for _ in cases])
+    result.skipped = [i for i, case in enumerate(swapped) if case is None]
+    with tqdm(total=len(kept), desc="evaluate replace", unit="case", disable=not progress) as bar:
+        for first in range(0, len(kept), SCORE_GROUP):
+            group = kept[first : first + SCORE_GROUP]
+            scored = [case for i in group if (case := swapped[i]) is not None]
+            per_case = evaluate_cases(lm.model, lm.tokenizer, scored, batch_size=batch_size)[1]
+            for i, metrics in zip(group, per_case, strict=True):
+                result.per_case[i] = metrics
+                if under_edit is not None:
+                    under_edit(range(i, i + 1))
+            bar.update(len(group))
     return result

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from remedi.data import EditCase, parse_records
+from remedi.data import CaseError, EditCase, parse_records
 from remedi.data.readers import read_records, template_for
 
 
@@ -35,6 +35,8 @@ class EditRequest:
             raise ValueError(f"{where}: prompt {self.prompt!r} must hold exactly one '{{}}'")
         if not self.target_new.strip():
             raise ValueError(f"{where}: target_new is empty")
+        if self.target_true is not None and self.target_true.strip() == self.target_new.strip():
+            raise ValueError(f"{where}: target_new equals target_true ({self.target_true!r})")
         return self
 
 
@@ -58,12 +60,23 @@ def parse_request(record: dict[str, Any], where: str = "request") -> EditRequest
 
     subject = text(record["subject"])
     true = record.get("target_true", record.get("ground_truth"))
+    try:
+        prompt = template_for(where, text(record["prompt"]), subject)
+    except CaseError as err:
+        raise ValueError(f"{where}: {err.field}: {err.message}") from None
     return EditRequest(
-        prompt=template_for(where, text(record["prompt"]), subject),
+        prompt=prompt,
         subject=subject,
         target_new=text(record["target_new"]),
         target_true=None if true is None else text(true),
     ).validate(where)
+
+
+def _is_plain(record: dict[str, Any]) -> bool:
+    """Whether ``record`` is a plain request (possibly missing fields, which
+    :func:`parse_request` names) rather than a record of a dataset layout."""
+    layout_keys = {"rephrase_prompt", "known_id", "requested_rewrite", "src"}
+    return {"prompt", "subject"} <= record.keys() and not layout_keys & record.keys()
 
 
 def load_requests(path: str | Path) -> list[EditRequest]:
@@ -72,9 +85,7 @@ def load_requests(path: str | Path) -> list[EditRequest]:
     records = read_records(path)
     if not records:
         raise ValueError(f"requests: {path} holds no requests")
-    if {"prompt", "subject", "target_new"} <= records[0].keys() and "rephrase_prompt" not in (
-        records[0]
-    ):
+    if _is_plain(records[0]):
         return [parse_request(rec, f"requests: {path} record {i}") for i, rec in enumerate(records)]
     cases, _ = parse_records(records, on_error="raise", source=str(path))
     return [as_request(case) for case in cases]

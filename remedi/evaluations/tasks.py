@@ -1,0 +1,283 @@
+"""``python -m remedi.evaluate --task probe|mcrae|biosbias``: run one of REMEDI's own evaluations
+from the command's arguments and write its table (``summary.json``, ``summary.md`` with the
+protocol line under it, ``cases.jsonl``), each file atomically."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from remedi import protocol
+from remedi.atomic import write_text
+from remedi.cli import MODEL_LOAD_ERRORS, UsageError, fail, file_error, one_line
+from remedi.evaluations import biosbias, mcrae, probe
+from remedi.evaluations.settings import Split
+from remedi.models import LoadedModel
+
+TASKS = ("counterfact", "probe", "mcrae", "biosbias")
+TASK_METHODS: dict[str, tuple[str, ...]] = {
+    "probe": ("remedi",),
+    "mcrae": mcrae.MCRAE_METHODS,
+    "biosbias": biosbias.BIOS_METHODS,
+}
+COLUMNS: dict[str, tuple[str, ...]] = {
+    "probe": ("method", "task", "labels", "n_cases", *probe.PROBE_METRIC_NAMES, "entity_layer"),
+    "mcrae": ("method", "n_cases", *mcrae.MCRAE_METRIC_NAMES, "n_skipped"),
+    "biosbias": ("method", "setting", "n_cases", *biosbias.BIOS_METRIC_NAMES),
+}
+SCORING = {"probe": "first", "mcrae": "sum", "biosbias": "first"}
+"""How each task scores targets: first token that carries text, or summed target tokens."""
+
+
+def default_methods(task: str, checkpoints: Sequence[str]) -> list[str]:
+    """The methods a task scores when no ``--method`` is given (remedi when a checkpoint is)."""
+    if task == "probe":
+        return ["remedi"]
+    base = ["none", "prefix", "replace"] if task == "mcrae" else ["none"]
+    return base + (["remedi"] if checkpoints else [])
+
+
+def task_protocol(args: argparse.Namespace, task: str) -> dict[str, Any]:
+    """The protocol fields of every row of ``task`` in this run (see :mod:`remedi.protocol`)."""
+    generation = "off"
+    if task == "biosbias":
+        generation = f"{args.settings['biosbias'].max_new_tokens} new tokens"
+    return {
+        "metric_family": task,
+        "scoring": SCORING[task],
+        "generation": generation,
+        "statistics": None,
+        "dtype": args.dtype,
+        "model": args.model,
+    }
+
+
+def split_of(module: Any, split: Split) -> list[Any]:
+    """The examples of one split of an ``ExampleDataModule`` (``all``: every example, unsplit)."""
+    if split == "all":
+        return list(module.read_examples())
+    module.setup()
+    return {"train": module._train, "validation": module._val, "test": module._test}[split]
+
+
+def load_task_data(args: argparse.Namespace) -> Any:
+    """The task's data from ``--data`` (before the model loads): CounterFact cases for the
+    probe, ``(examples, features)`` for McRae, examples for Bias in Bios."""
+    from remedi import evaluate
+
+    task = args.task
+    if task == "probe":
+        cases = evaluate.load_data(args.data)
+        missing = [c.case_id for c in cases if c.target_new is None]
+        if missing:
+            raise UsageError(f"--data {args.data}: case {missing[0]} has no target_new")
+        return cases[: args.limit]
+    if not Path(args.data).is_file():
+        raise UsageError(f"--data {args.data}: no such file")
+    try:
+        if task == "mcrae":
+            from datamodules import McRaeDataModule
+
+            s = args.settings["mcrae"]
+            module = McRaeDataModule(
+                args.data,
+                examples_per_concept=s.examples_per_concept,
+                min_co_prob=s.min_co_prob,
+                min_co_concepts=s.min_co_concepts,
+                n_val=s.n_val,
+                n_test=s.n_test,
+                seed=s.seed,
+            )
+            examples = split_of(module, s.split)[: args.limit]
+            return examples, module.read_features()
+        from datamodules import BiasInBiosDataModule
+
+        b = args.settings["biosbias"]
+        bios = BiasInBiosDataModule(
+            args.data, limit=b.limit, n_val=b.n_val, n_test=b.n_test, seed=b.seed
+        )
+        every = bios.read_examples()
+        return split_of(bios, b.split)[: args.limit], every
+    except (OSError, ValueError, KeyError) as err:
+        raise UsageError(file_error("--data", args.data, err)) from err
+
+
+def run_probe(lm: LoadedModel, args: argparse.Namespace, data: Any, trained: Any) -> tuple:
+    s = args.settings["probe"]
+    layer = s.entity_layer
+    layer = probe.default_entity_layer(lm.arch.num_layers) if layer is None else layer
+    inputs = probe.probe_inputs(lm, data, trained.layer, layer, args.batch_size)
+    rows, records = probe.run_probe(trained.editor, inputs, s.seed)
+    for row in rows:
+        row.update(editor_layer=trained.layer, entity_layer=layer)
+    return rows, records
+
+
+def run_mcrae(lm: LoadedModel, args: argparse.Namespace, data: Any, trained: Any) -> tuple:
+    from remedi.editors import attribute_states, metrics_context
+
+    s = args.settings["mcrae"]
+    examples, features = data
+    from datamodules.attribute_data import co_probabilities
+
+    co_prob = co_probabilities(features, s.min_co_concepts)
+    samples = mcrae.build_samples(examples, features, co_prob, s.max_co_features, s.seed)
+    base_rows, _ = mcrae.method_rows(samples, "none")
+    before = mcrae.sample_correlations(
+        samples, base_rows, mcrae.feature_log_probs(lm, base_rows, None, args.batch_size, "before")
+    )
+    rows, records = [], []
+    for method in args.method:
+        scored, replaced = mcrae.method_rows(samples, method, features, s.seed)
+        edit = None
+        if method == "remedi":
+            contexts = [x.context for x in samples]
+            with torch.no_grad():
+                attributes = attribute_states(
+                    lm, trained.layer, contexts, [x.entity for x in samples]
+                )
+            edit = metrics_context(lm, trained.layer, trained.editor, attributes)
+        after = before
+        if method != "none":
+            values = mcrae.feature_log_probs(lm, scored, edit, args.batch_size, method)
+            after = mcrae.sample_correlations(samples, scored, values)
+        row = mcrae.summary_row(method, before, after)
+        if method == "replace":
+            row["n_skipped"] = sum(r is None for r in replaced)
+        rows.append(row)
+        for sample, b, a, other in zip(samples, before, after, replaced, strict=True):
+            records.append(
+                {
+                    "method": method,
+                    "case_id": sample.sample_id,
+                    "concept": sample.concept,
+                    "context_feature": sample.context_feature,
+                    "n_features": len(sample.features),
+                    "correlation_before": b,
+                    "correlation": a,
+                    **({"replacement": other} if method == "replace" else {}),
+                }
+            )
+    return rows, records
+
+
+def run_biosbias(lm: LoadedModel, args: argparse.Namespace, data: Any, trained: Any) -> tuple:
+    b = args.settings["biosbias"]
+    examples, every = data
+    labels = sorted({str(e.target_mediated) for e in every})
+    consistency = biosbias.Consistency(every)
+    rows, records = [], []
+    for method in args.method:
+        editor = trained.editor if method == "remedi" else None
+        layer = trained.layer if method == "remedi" else None
+        for setting in biosbias.SETTINGS:
+            found = biosbias.evaluate_setting(
+                lm,
+                examples,
+                setting,
+                labels,
+                consistency,
+                editor,
+                layer,
+                top_k=b.top_k,
+                max_new_tokens=b.max_new_tokens,
+                batch_size=args.batch_size,
+                seed=b.seed,
+            )
+            summary = biosbias.summarize(found)
+            rows.append({"method": method, "setting": setting, "n_cases": len(found), **summary})
+            records += [{"method": method, **r} for r in found]
+    return rows, records
+
+
+RUNNERS = {"probe": run_probe, "mcrae": run_mcrae, "biosbias": run_biosbias}
+
+
+def markdown_table(task: str, rows: Sequence[dict[str, Any]]) -> str:
+    """The rows as a Markdown table of the task's columns, with the protocol line under it."""
+    columns = [c for c in COLUMNS[task] if any(c in row for row in rows)]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for column in columns:
+            value = row.get(column)
+            cells.append(f"{value:.3f}" if isinstance(value, float) else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", protocol.table_line(rows)]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(output: Path, task: str, rows: Sequence[dict[str, Any]], records: list) -> None:
+    """``summary.json`` (one flat object for one row), ``summary.md`` and ``cases.jsonl``."""
+    write_text(output / "cases.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    summary: Any = rows[0] if len(rows) == 1 else list(rows)
+    write_text(output / "summary.json", json.dumps(summary, indent=2) + "\n")
+    write_text(output / "summary.md", markdown_table(task, rows))
+
+
+def check(args: argparse.Namespace) -> str | None:
+    """The first problem with a task's arguments, found before anything loads (fills in the
+    default methods)."""
+    from remedi import evaluate
+
+    task = args.task
+    if args.append:
+        return "--append: only --task counterfact tables can be extended"
+    args.method = list(dict.fromkeys(args.method or default_methods(task, args.checkpoint)))
+    allowed = TASK_METHODS[task]
+    bad = [m for m in args.method if m not in allowed]
+    if bad:
+        return f"--method {bad[0]}: --task {task} scores {', '.join(allowed)}"
+    if args.known_only or args.generation:
+        flag = "--known-only" if args.known_only else "--generation"
+        return f"{flag} applies to --task counterfact only"
+    return evaluate._check_args(args)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``args.task`` (not counterfact) and write its table; the exit code."""
+    problem = check(args)
+    if problem:
+        return fail(problem)
+    task = args.task
+    if task == "biosbias" and args.settings["biosbias"].top_k < 1:
+        return fail(f"--biosbias.top_k must be positive, got {args.settings['biosbias'].top_k}")
+    try:
+        data = load_task_data(args)
+    except UsageError as err:
+        return fail(err)
+    if not (data if task == "probe" else data[0]):
+        return fail(f"--data: no cases left to evaluate in {args.data}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from remedi.models import load_model
+
+    try:
+        lm = load_model(args.model, dtype=args.dtype, device=args.device)
+    except MODEL_LOAD_ERRORS as err:
+        return fail(f"--model {args.model}: {one_line(err)}")
+    entity_layer = args.settings["probe"].entity_layer
+    top = lm.arch.num_layers - 1
+    if task == "probe" and entity_layer is not None and not 0 <= entity_layer <= top:
+        return fail(f"--probe.entity_layer {entity_layer} is out of range (0..{top})")
+    trained = None
+    if "remedi" in args.method:
+        from lightning_modules import load_trained
+
+        path = args.checkpoints["remedi"]
+        try:
+            trained = load_trained("remedi", path, lm, args.dtype)
+        except (OSError, ValueError) as err:
+            return fail(file_error("--checkpoint", path, err))
+    rows, records = RUNNERS[task](lm, args, data, trained)
+    fields = task_protocol(args, task) | {"model": lm.spec}
+    rows = [row | fields for row in rows]
+    write_outputs(args.output, task, rows, records)
+    print(markdown_table(task, rows), end="")
+    print(f"wrote {args.output / 'summary.json'}, summary.md, cases.jsonl")
+    return 0
