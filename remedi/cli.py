@@ -275,6 +275,17 @@ def one_line(err: BaseException) -> str:
     return _TORCH_APPENDIX.sub("", lines[0]) if lines else type(err).__name__
 
 
+def load_lm(args: argparse.Namespace) -> Any:
+    """The ``LoadedModel`` of ``--model`` with ``--dtype`` and ``--device``; a model that cannot
+    be loaded is a :class:`UsageError` of one line naming ``--model``."""
+    from remedi.models import load_model
+
+    try:
+        return load_model(args.model, dtype=args.dtype, device=args.device)
+    except MODEL_LOAD_ERRORS as err:
+        raise UsageError(f"--model {args.model}: {one_line(err)}") from None
+
+
 _TORCH_APPENDIX = re.compile(r"\s*\(Could this error message be improved\?.*$")
 """What PyTorch appends to its internal errors: nothing a remedi user can act on."""
 

@@ -30,7 +30,6 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from remedi.allocator import release_freed_memory
 from remedi.atomic import atomic_dir
 from remedi.cli import (
-    MODEL_LOAD_ERRORS,
     ArgumentParser,
     UsageError,
     add_statistics_arguments,
@@ -43,6 +42,7 @@ from remedi.cli import (
     check_positive,
     fail,
     file_error,
+    load_lm,
     one_line,
     quiet_warnings,
 )
@@ -346,13 +346,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem:
         return fail(problem)
     torch.set_num_threads(args.threads)
-    from remedi.models import load_model
-
     loading = time.perf_counter()
     try:
-        lm = load_model(args.model, dtype=args.dtype, device=args.device)
-    except MODEL_LOAD_ERRORS as err:
-        return fail(f"--model {args.model}: {one_line(err)}")
+        lm = load_lm(args)
+    except UsageError as err:
+        return fail(err)
     loaded = time.perf_counter() - loading
     try:
         check_layers(lm.arch.num_layers, _layer_flags(args), args.model)

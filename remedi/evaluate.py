@@ -59,7 +59,6 @@ from remedi import evaluate_config, protocol
 from remedi.allocator import release_freed_memory
 from remedi.atomic import atomic_dir
 from remedi.cli import (
-    MODEL_LOAD_ERRORS,
     ArgumentParser,
     UsageError,
     add_statistics_arguments,
@@ -72,6 +71,7 @@ from remedi.cli import (
     check_positive,
     fail,
     file_error,
+    load_lm,
     one_line,
     quiet_warnings,
 )
@@ -811,12 +811,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(problem)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from remedi.models import load_model
-
     try:
-        lm = load_model(args.model, dtype=args.dtype, device=args.device)
-    except MODEL_LOAD_ERRORS as err:
-        return fail(f"--model {args.model}: {one_line(err)}")
+        lm = load_lm(args)
+    except UsageError as err:
+        return fail(err)
     try:
         check_layers(lm.arch.num_layers, layer_flags(args), args.model)
     except UsageError as err:

@@ -14,7 +14,7 @@ import torch
 
 from remedi import protocol
 from remedi.atomic import write_text
-from remedi.cli import MODEL_LOAD_ERRORS, UsageError, fail, file_error, one_line
+from remedi.cli import UsageError, fail, file_error, load_lm
 from remedi.evaluations import biosbias, mcrae, probe
 from remedi.evaluations.settings import Split
 from remedi.models import LoadedModel
@@ -255,12 +255,10 @@ def main(args: argparse.Namespace) -> int:
         return fail(f"--data: no cases left to evaluate in {args.data}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    from remedi.models import load_model
-
     try:
-        lm = load_model(args.model, dtype=args.dtype, device=args.device)
-    except MODEL_LOAD_ERRORS as err:
-        return fail(f"--model {args.model}: {one_line(err)}")
+        lm = load_lm(args)
+    except UsageError as err:
+        return fail(err)
     entity_layer = args.settings["probe"].entity_layer
     top = lm.arch.num_layers - 1
     if task == "probe" and entity_layer is not None and not 0 <= entity_layer <= top:
