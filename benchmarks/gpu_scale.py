@@ -40,7 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -134,25 +134,32 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
 
 
-def train_tokenizer(vocab_size: int) -> Any:
-    """A byte-level BPE trained on the Python documentation's paragraphs (offline, < 1 s)."""
+def byte_level_bpe(texts: Iterable[str], vocab_size: int, special_tokens: list[str]) -> Any:
+    """A GPT-2 style byte-level BPE (``tokenizers.Tokenizer``) trained on ``texts``; offline."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
 
-    from remedi.methods.second_moment import python_docs
-
-    end = "<|endoftext|>"
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=True)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=[end],
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(python_docs(), trainer)
+    tok.train_from_iterator(texts, trainer)
+    return tok
+
+
+def train_tokenizer(vocab_size: int) -> Any:
+    """A byte-level BPE trained on the Python documentation's paragraphs (offline, < 1 s)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from remedi.methods.second_moment import python_docs
+
+    end = "<|endoftext|>"
+    tok = byte_level_bpe(python_docs(), vocab_size, [end])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=end, eos_token=end, pad_token=end
     )

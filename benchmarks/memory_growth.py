@@ -34,7 +34,7 @@ from typing import Any
 
 import lightning as L
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from gpu_scale import byte_level_bpe
 from transformers import AutoModelForCausalLM, GPT2Config, PreTrainedTokenizerFast
 
 from remedi.allocator import release_freed_memory
@@ -120,17 +120,7 @@ def corpus() -> list[str]:
 
 def tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """A byte-level BPE (GPT-2 style) trained on :func:`corpus`; offline and quick."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=True)
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<bos>", "<eos>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(corpus(), trainer)
+    tok = byte_level_bpe(corpus(), vocab_size, ["<pad>", "<bos>", "<eos>"])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>"
     )

@@ -89,3 +89,24 @@ def test_mcrae_command_scores_every_method_before_and_after(trained: dict[str, P
         .splitlines()[-1]
         .startswith("Protocol: McRae entailment correlations, scoring sum")
     )
+
+
+def test_mcrae_command_leaves_the_earlier_table_whole_when_writing_fails(
+    trained: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from remedi.evaluations import tasks
+
+    out = trained["model"].parent / "out-mcrae-fail"
+    args = ["--task", "mcrae", "--model", str(trained["model"]), "--data", str(trained["mcrae"])]
+    args += ["--output", str(out), "--mcrae.n_val", "2", "--mcrae.n_test", "4", "--method", "none"]
+    assert evaluate.main(args) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken(*_: object) -> str:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(tasks, "markdown_table", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        evaluate.main([*args[:-2], "--method", "prefix"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in out.parent.iterdir() if p.name.startswith("out-mcrae-fail.")] == []

@@ -1,6 +1,6 @@
 """``python -m remedi.evaluate --task probe|mcrae|biosbias``: run one of REMEDI's own evaluations
 from the command's arguments and write its table (``summary.json``, ``summary.md`` with the
-protocol line under it, ``cases.jsonl``), each file atomically."""
+protocol line under it, ``cases.jsonl``), all three at once."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from remedi import protocol
-from remedi.atomic import write_text
+from remedi.atomic import atomic_dir
 from remedi.cli import UsageError, fail, file_error, load_lm
 from remedi.evaluations import biosbias, mcrae, probe
 from remedi.evaluations.settings import Split
@@ -213,11 +213,15 @@ def markdown_table(task: str, rows: Sequence[dict[str, Any]]) -> str:
 
 
 def write_outputs(output: Path, task: str, rows: Sequence[dict[str, Any]], records: list) -> None:
-    """``summary.json`` (one flat object for one row), ``summary.md`` and ``cases.jsonl``."""
-    write_text(output / "cases.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    """``summary.json`` (one flat object for one row), ``summary.md`` and ``cases.jsonl``, into a
+    staged copy of ``output`` that replaces it when all three are written
+    (:func:`~remedi.atomic.atomic_dir`): an interruption leaves the earlier files whole."""
     summary: Any = rows[0] if len(rows) == 1 else list(rows)
-    write_text(output / "summary.json", json.dumps(summary, indent=2) + "\n")
-    write_text(output / "summary.md", markdown_table(task, rows))
+    with atomic_dir(output, update=True) as staged:
+        text = "".join(json.dumps(r) + "\n" for r in records)
+        (staged / "cases.jsonl").write_text(text, encoding="utf-8")
+        (staged / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", "utf-8")
+        (staged / "summary.md").write_text(markdown_table(task, rows), encoding="utf-8")
 
 
 def check(args: argparse.Namespace) -> str | None:
