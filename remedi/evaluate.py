@@ -566,7 +566,8 @@ class Runner:
         start = time.perf_counter()
         with torch.no_grad():
             attributes = attribute_states(self.lm, module.layer, contexts, entities)
-        edit = metrics_context(self.lm, module.layer, editor, attributes)
+        alpha = method_settings(self.args)["remedi"].alpha
+        edit = metrics_context(self.lm, module.layer, editor, attributes, alpha)
         seconds = [(time.perf_counter() - start) / len(cases)] * len(cases)
         _, per_case = evaluate_cases(
             self.lm.model, self.lm.tokenizer, cases, edit=edit, batch_size=self.args.batch_size
@@ -581,7 +582,7 @@ class Runner:
                     positions = batch.subject_last
                     layer = module.layer
                     return apply_editor(
-                        self.lm, layer, editor, rows, positions, prompt_pass_only=True
+                        self.lm, layer, editor, rows, positions, prompt_pass_only=True, alpha=alpha
                     )
 
                 return apply

@@ -5,7 +5,8 @@ A config file holds the command's flat options under their names (``method: [non
 ``data: builtin``, ``stats_tokens: 300``) and one section per method whose fields are that
 method's hyperparameter dataclass (:class:`~remedi.methods.rome.RomeHyperParams`,
 :class:`~remedi.methods.memit.MemitHyperParams`,
-:class:`~remedi.methods.finetune.FinetuneHyperParams`), typed and checked by jsonargparse.
+:class:`~remedi.methods.finetune.FinetuneHyperParams`; for a trained REMEDI editor
+:class:`~remedi.editors.apply.RemediSettings`), typed and checked by jsonargparse.
 The flat options become ordinary flags, so ``remedi.evaluate``'s own parser checks them; the
 flat method flags (``--clamp``, ``--layer``, ``--memit-layers``, ``--ft-lr``, …) stay as aliases
 of section fields.
@@ -32,6 +33,7 @@ import jsonargparse
 import yaml
 
 from remedi.cli import UsageError, one_line
+from remedi.editors.apply import RemediSettings
 from remedi.evaluations.settings import BiosSettings, McRaeSettings, ProbeSettings
 from remedi.methods.finetune import FinetuneHyperParams
 from remedi.methods.memit import MemitHyperParams
@@ -43,11 +45,13 @@ SECTIONS: dict[str, type] = {
     "rome": RomeHyperParams,
     "memit": MemitHyperParams,
     "ft": FinetuneHyperParams,
+    "remedi": RemediSettings,
     "probe": ProbeSettings,
     "mcrae": McRaeSettings,
     "biosbias": BiosSettings,
 }
-"""Config sections and the dataclass each one fills (``ft`` serves FT and FT-L; ``probe``,
+"""Config sections and the dataclass each one fills (``ft`` serves FT and FT-L; ``remedi``
+how a trained REMEDI editor is applied; ``probe``,
 ``mcrae`` and ``biosbias`` hold the settings of those tasks, see :mod:`remedi.evaluations`)."""
 ALIASES: dict[str, tuple[tuple[str, str], ...]] = {
     "layer": (("rome", "layer"), ("ft", "layer")),
@@ -168,7 +172,10 @@ def load(argv: Sequence[str], flat: argparse.ArgumentParser) -> ParsedConfig:
         for name in ours[::2]
         if name != "--config"
     }
-    sections = {name: SECTIONS[name](**cfg[name].as_dict()) for name in SECTIONS}
+    try:
+        sections = {name: SECTIONS[name](**cfg[name].as_dict()) for name in SECTIONS}
+    except ValueError as err:
+        raise UsageError(one_line(err)) from err
     given = {token.partition("=")[0] for token in rest if token.startswith("--")}
     from_file: list[str] = []
     for action in flat._actions:

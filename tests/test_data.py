@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from remedi.data import CaseError, load_builtin, load_cases, read_cases
+from remedi.methods.requests import as_request
 
 ROME_RECORD = {
     "case_id": 7,
@@ -102,6 +103,18 @@ def test_easyedit_and_zsre_layouts(tmp_path: Path) -> None:
     assert zsre.prompt == "What is the product made by {}?"
     assert (zsre.target_true, zsre.target_new) == ("uniform", "unmanned aircraft")
     assert zsre.neighborhood_targets == ["Shakespeare"]
+
+
+def test_a_zsre_edit_to_the_true_answer_loads_and_makes_a_request(tmp_path: Path) -> None:
+    """zsRE edits whose target is the true answer (23 of the 500 EasyEdit dev records) are
+    valid zsRE cases; a CounterFact record with identical targets is still refused."""
+    same = {**EASYEDIT_RECORD, "target_new": "Styria"}
+    (case,) = load_cases(_write(tmp_path, {"records": [same]}, "z.json"))
+    assert case.benchmark == "zsre" and case.target_new == case.target_true == "Styria"
+    request = as_request(case)
+    assert (request.target_new, request.target_true) == ("Styria", None)
+    with pytest.raises(CaseError, match="equals target_true"):
+        load_cases(_write(tmp_path, [{**MEND_RECORD, "target_new": "Spain"}]))
 
 
 def test_the_layout_chooses_the_benchmark(tmp_path: Path) -> None:

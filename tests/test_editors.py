@@ -10,6 +10,7 @@ from test_datamodules import write_rome
 from remedi.data import load_cases
 from remedi.editors import (
     EDITOR_KINDS,
+    DirectionRecord,
     LossWeights,
     RemediExample,
     apply_direction,
@@ -191,6 +192,27 @@ def test_metrics_context_edits_subject_rows_only(lm: LoadedModel, tmp_path) -> N
     assert edited["efficacy_magnitude"] != pytest.approx(plain["efficacy_magnitude"])
     for a, b in zip(plain_cases, edited_cases, strict=True):
         assert a["neighborhood_magnitude"] == pytest.approx(b["neighborhood_magnitude"])
+
+
+def test_alpha_adds_alpha_times_the_direction(lm: LoadedModel) -> None:
+    editor = _trained_like("affine", lm)
+    example = EXAMPLES[1]
+    attr = attribute_states(lm, 1, [example.context], [example.entity])
+    batch = encode_prompts(lm.tokenizer, [example.prompt], [example.entity])
+    record = DirectionRecord()
+    with torch.no_grad():
+        with apply_editor(lm, 1, editor, attr, batch.subject_last, record=record):
+            once = lm.model(input_ids=batch.input_ids).logits
+        assert record.directions is not None
+        with apply_editor(lm, 1, editor, attr, batch.subject_last, alpha=2.5):
+            scaled = lm.model(input_ids=batch.input_ids).logits
+        with apply_direction(lm, 1, batch.subject_last, 2.5 * record.directions):
+            manual = lm.model(input_ids=batch.input_ids).logits
+    assert torch.allclose(scaled, manual, atol=1e-5)
+    assert not torch.allclose(scaled, once, atol=1e-3)
+    for bad in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match=r"remedi\.alpha must be a finite number > 0"):
+            apply_editor(lm, 1, editor, attr, batch.subject_last, alpha=bad)
 
 
 def _greedy_with_edited_prompt(

@@ -118,6 +118,8 @@ def test_null_fields_take_the_model_defaults() -> None:
         (["--config", "nope.yaml"], "error: --config: File does not exist"),
         (["--rome.n_context", "99", "--method", "rome"], "error: --rome.n_context must be in 0.."),
         (["--rome.clamp"], "error: --rome.clamp needs a value"),
+        (["--remedi.alpha", "0"], "error: remedi.alpha must be a finite number > 0, got 0.0"),
+        (["--remedi.alpha", "-2"], "error: remedi.alpha must be a finite number > 0, got -2.0"),
     ],
 )
 def test_bad_settings_are_one_line(
@@ -143,3 +145,4 @@ def test_help_lists_the_sections(capsys: pytest.CaptureFixture) -> None:
     text = capsys.readouterr().out
     assert "--print_config" in text and "--rome.FIELD VALUE  RomeHyperParams: layer=None" in text
     assert "--memit.FIELD" in text and "--ft.FIELD" in text
+    assert "--remedi.FIELD VALUE RemediSettings: alpha=1.0" in text

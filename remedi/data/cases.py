@@ -58,7 +58,11 @@ class EditCase:
         return self.prompt.index("{}")
 
     def validate(self) -> EditCase:
-        """Raise :class:`CaseError` naming the first bad field; return ``self`` when sound."""
+        """Raise :class:`CaseError` naming the first bad field; return ``self`` when sound.
+
+        ``target_new`` may equal ``target_true`` only in zsRE cases: zsRE scores the target's
+        token accuracy alone, and some of its edits ask for the true answer the LM gets wrong.
+        """
         cid = self.case_id
         if not self.subject.strip():
             raise CaseError(cid, "subject", "is empty")
@@ -71,7 +75,8 @@ class EditCase:
         if self.target_new is not None:
             if not self.target_new.strip():
                 raise CaseError(cid, "target_new", "is empty")
-            if self.target_new.strip() == self.target_true.strip():
+            same = self.target_new.strip() == self.target_true.strip()
+            if same and self.benchmark != "zsre":
                 raise CaseError(cid, "target_new", f"equals target_true ({self.target_true!r})")
         for i, text in enumerate(self.paraphrase_prompts):
             if self.subject not in text:

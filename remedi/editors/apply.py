@@ -10,8 +10,10 @@ Everything here is plain PyTorch over :mod:`remedi.hooks`, usable from a noteboo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 
 import torch
 
@@ -25,6 +27,30 @@ from remedi.tokens import (
     encode_prompts,
     generate_continuations,
 )
+
+
+@dataclass
+class RemediSettings:
+    """How a trained REMEDI editor is applied at evaluation (the ``remedi`` section of
+    ``remedi.evaluate``'s config, ``--remedi.alpha 2``).
+
+    Args:
+        alpha: the direction is multiplied by ``alpha`` before it is added to the entity's
+            state, as the reference's ``alpha`` (default 1, the direction as trained). Larger
+            values push the edit harder; choose it on cases you do not report.
+    """
+
+    alpha: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_alpha(self.alpha)
+
+
+def check_alpha(alpha: float) -> float:
+    """``alpha`` if it is a finite positive number; a ValueError naming it otherwise."""
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"remedi.alpha must be a finite number > 0, got {alpha}")
+    return alpha
 
 
 @torch.no_grad()
@@ -73,8 +99,9 @@ def editor_edit(
     attribute: torch.Tensor,
     positions: Positions,
     record: DirectionRecord | None = None,
+    alpha: float = 1.0,
 ) -> EditFn:
-    """Edit function adding ``editor(attribute[, entity state])`` at ``positions``.
+    """Edit function adding ``alpha · editor(attribute[, entity state])`` at ``positions``.
 
     ``attribute`` has one row per edited position (in row order). Computing the direction inside
     the hook lets the biaffine editor read the entity state it is about to change.
@@ -86,6 +113,8 @@ def editor_edit(
             rows, cols = position_index(positions, state.device)
             entity = state[rows, cols]
         direction = editor(attribute.to(state.device), entity)
+        if alpha != 1.0:
+            direction = alpha * direction
         if record is not None:
             record.directions = direction
         return add_at(positions, direction)(state)
@@ -114,17 +143,21 @@ def apply_editor(
     positions: Positions,
     prompt_pass_only: bool = False,
     record: DirectionRecord | None = None,
+    alpha: float = 1.0,
 ) -> AbstractContextManager[dict[Site, torch.Tensor]]:
     """Like :func:`apply_direction`, with the direction computed by ``editor`` from
-    ``attribute`` (and the entity state for editors that use it)."""
-    edit = {
-        Site("block", lm.arch.check_layer(layer)): editor_edit(editor, attribute, positions, record)
-    }
+    ``attribute`` (and the entity state for editors that use it), times ``alpha``."""
+    fn = editor_edit(editor, attribute, positions, record, check_alpha(alpha))
+    edit = {Site("block", lm.arch.check_layer(layer)): fn}
     return intervene(lm.arch, edit=edit, prompt_pass_only=prompt_pass_only)
 
 
 def metrics_context(
-    lm: LoadedModel, layer: int, editor: Editor, case_attributes: torch.Tensor
+    lm: LoadedModel,
+    layer: int,
+    editor: Editor,
+    case_attributes: torch.Tensor,
+    alpha: float = 1.0,
 ) -> EditContext:
     """An :data:`~remedi.metrics.EditContext` for :func:`remedi.metrics.evaluate_cases`.
 
@@ -132,6 +165,7 @@ def metrics_context(
     case (``case_attributes[case_index]``) at the subject's last token. Neighborhood rows are
     about other subjects and are left unedited: REMEDI edits one mention of one entity, so the
     neighborhood score measures whether that edit leaks into prompts without the entity.
+    ``alpha`` scales every direction (see :class:`RemediSettings`).
     """
 
     def context(
@@ -153,7 +187,7 @@ def metrics_context(
             last = {i: span.last for i, span in zip(edited, sub.subject_spans, strict=True)}
         positions = [[last[i]] if i in last else [] for i in range(len(rows))]
         attribute = case_attributes[[rows[i].case_index for i in edited]]
-        return apply_editor(lm, layer, editor, attribute, positions)
+        return apply_editor(lm, layer, editor, attribute, positions, alpha=alpha)
 
     return context
 

@@ -103,10 +103,12 @@ def _edit(
     attributes: torch.Tensor | None,
     batch: PromptBatch,
     prompt_pass_only: bool,
+    alpha: float = 1.0,
 ) -> AbstractContextManager[object]:
     if editor is None or attributes is None or layer is None:
         return nullcontext()
-    return apply_editor(lm, layer, editor, attributes, batch.subject_last, prompt_pass_only)
+    positions = batch.subject_last
+    return apply_editor(lm, layer, editor, attributes, positions, prompt_pass_only, alpha=alpha)
 
 
 @torch.no_grad()
@@ -122,9 +124,11 @@ def evaluate_setting(
     max_new_tokens: int = 100,
     batch_size: int = 16,
     seed: int = 0,
+    alpha: float = 1.0,
 ) -> list[dict[str, Any]]:
     """Per example: the top-k occupations, whether the first / any of them is right, the
-    sample and its fluency and consistency (with ``editor``: under REMEDI's edit at ``layer``)."""
+    sample and its fluency and consistency (with ``editor``: under REMEDI's edit at ``layer``,
+    its directions times ``alpha``)."""
     if editor is not None:
         editor.eval()
     prompts = [setting_prompt(e, setting) for e in examples]
@@ -139,7 +143,7 @@ def evaluate_setting(
         attributes = None
         if editor is not None and layer is not None:
             attributes = attribute_states(lm, layer, [e.context for e in chunk], entities)
-        with _edit(lm, layer, editor, attributes, batch, False):
+        with _edit(lm, layer, editor, attributes, batch, False, alpha):
             logits = next_token_logits(lm.model, batch.input_ids, batch.attention_mask).float()
         assert ids is not None
         label_logp = torch.log_softmax(logits, -1)[:, ids]
@@ -148,7 +152,7 @@ def evaluate_setting(
         devices = [lm.device] if lm.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(seed + first)
-            with _edit(lm, layer, editor, attributes, batch, True):
+            with _edit(lm, layer, editor, attributes, batch, True, alpha):
                 new = generate_new_tokens(
                     lm.model,
                     lm.tokenizer,

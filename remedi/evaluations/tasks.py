@@ -141,7 +141,8 @@ def run_mcrae(lm: LoadedModel, args: argparse.Namespace, data: Any, trained: Any
                 attributes = attribute_states(
                     lm, trained.layer, contexts, [x.entity for x in samples]
                 )
-            edit = metrics_context(lm, trained.layer, trained.editor, attributes)
+            alpha = args.settings["remedi"].alpha
+            edit = metrics_context(lm, trained.layer, trained.editor, attributes, alpha)
         after = before
         if method != "none":
             values = mcrae.feature_log_probs(lm, scored, edit, args.batch_size, method)
@@ -188,6 +189,7 @@ def run_biosbias(lm: LoadedModel, args: argparse.Namespace, data: Any, trained: 
                 max_new_tokens=b.max_new_tokens,
                 batch_size=args.batch_size,
                 seed=b.seed,
+                alpha=args.settings["remedi"].alpha,
             )
             summary = biosbias.summarize(found)
             rows.append({"method": method, "setting": setting, "n_cases": len(found), **summary})

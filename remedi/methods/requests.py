@@ -41,12 +41,14 @@ class EditRequest:
 
 
 def as_request(item: EditRequest | EditCase) -> EditRequest:
-    """An :class:`EditRequest` from a request or an :class:`EditCase` with a ``target_new``."""
+    """An :class:`EditRequest` from a request or an :class:`EditCase` with a ``target_new``
+    (a zsRE case whose target is its true answer gives a request without ``target_true``)."""
     if isinstance(item, EditRequest):
         return item
     if item.target_new is None:
         raise ValueError(f"case {item.case_id}: target_new is missing")
-    return EditRequest(item.prompt, item.subject, item.target_new, item.target_true)
+    true = item.target_true if item.target_true.strip() != item.target_new.strip() else None
+    return EditRequest(item.prompt, item.subject, item.target_new, true)
 
 
 def parse_request(record: dict[str, Any], where: str = "request") -> EditRequest:
