@@ -19,7 +19,7 @@ from remedi.data import EditCase
 from remedi.methods import rome, second_moment
 from remedi.methods.requests import EditRequest
 from remedi.metrics import evaluate_cases
-from remedi.models import LoadedModel
+from remedi.models import LoadedModel, cast_copy
 
 REQUEST = EditRequest("{} is located in", "The Eiffel Tower", "Japan")
 FAST = rome.RomeHyperParams(layer=1, n_context=3, steps=6, lr=0.01, weight_decay=0.0)
@@ -57,11 +57,11 @@ def test_suffix_run_logits_match_full_forward(model_type: str) -> None:
 
 
 def test_deltas_optimised_in_bfloat16_match_float32() -> None:
-    """δ is optimised on a cached bfloat16 copy by default; it lands where float32 would."""
+    """δ optimised on a cached bfloat16 copy lands where float32 would."""
     lm = tiny_model("gemma3_text")
     site = rome.Site("mlp", 1)
     templates = rome.context_templates(2)
-    hp = rome.RomeHyperParams(n_context=2, steps=5, lr=0.05, clamp=1.0)
+    hp = rome.RomeHyperParams(n_context=2, steps=5, lr=0.05, clamp=1.0, optimise_dtype="bfloat16")
     fast = rome.optimise_delta(lm, site, REQUEST, templates, hp)
     exact = rome.optimise_delta(lm, site, REQUEST, templates, replace(hp, optimise_dtype=None))
     assert rome.optimisation_model(lm, "bfloat16").dtype is torch.bfloat16
@@ -69,6 +69,22 @@ def test_deltas_optimised_in_bfloat16_match_float32() -> None:
     cosine = torch.nn.functional.cosine_similarity(fast.delta, exact.delta, dim=0)
     assert float(cosine) > 0.95
     assert fast.target_prob == pytest.approx(exact.target_prob, rel=0.05)
+
+
+@pytest.mark.parametrize("bf16_fast", [True, False])
+def test_auto_optimises_in_bfloat16_only_where_the_cpu_runs_it_fast(
+    monkeypatch: pytest.MonkeyPatch, bf16_fast: bool
+) -> None:
+    """An AVX2-only CPU runs bfloat16 matrix products tens of times slower than float32, so
+    ``"auto"`` (the default) keeps the float32 LM there and takes the bfloat16 copy elsewhere."""
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: bf16_fast)
+    assert cast_copy.fast_dtype("cpu") is (torch.bfloat16 if bf16_fast else None)
+    lm = tiny_model("gemma3_text")
+    assert rome.RomeHyperParams().optimise_dtype == "auto"
+    chosen = rome.optimisation_model(lm, "auto")
+    assert chosen.dtype is (torch.bfloat16 if bf16_fast else torch.float32)
+    assert (chosen is lm) is not bf16_fast
+    assert cast_copy.fast_dtype("meta") is None
 
 
 def test_batched_deltas_match_one_request_at_a_time() -> None:

@@ -82,7 +82,7 @@ class MemitHyperParams:
     """Target states optimised together in one batch (same result as one at a time, faster)."""
     forward_batch: int = 256
     """Prompt rows per forward pass when reading every fact's keys and states at a layer."""
-    optimise_dtype: str | None = "bfloat16"
+    optimise_dtype: str | None = "auto"
     """dtype of the LM copy the target states are optimised on (see ``RomeHyperParams``)."""
 
 

@@ -10,8 +10,9 @@ Choices (recorded in ``handle.info``):
   ``v* − W k*`` (the r-ROME fix), so the updated weight maps k* exactly to v* = W k* + δ;
 - δ is optimised on the tokens from the last subject token on: the tokens before it are run once
   into a KV cache, each step runs only the rest, with logits only at the scored positions;
-- δ is optimised on a cached bfloat16 copy of a float32 LM (``optimise_dtype``; 2.3x faster on
-  CPU, same edit quality), while k*, W k* and the update itself use the LM's own weights;
+- δ is optimised on a cached bfloat16 copy of a float32 LM where the device computes bfloat16
+  fast (``optimise_dtype="auto"``; 2.3x faster on a CPU with bfloat16 instructions, same edit
+  quality; an AVX2-only CPU keeps float32), while k*, W k* and the update use the LM's weights;
 - the update runs on the LM's device in float64 from the cached inverse C⁻¹
   (:func:`remedi.methods.second_moment.inverse`): one d × d matrix-vector product per edit;
   without statistics (identity C) it is δ k*ᵀ / (k*ᵀ k*) and no d × d matrix is built. It is
@@ -38,7 +39,7 @@ from remedi.methods.requests import EditRequest, as_request
 from remedi.methods.second_moment import SecondMoment, float64_device
 from remedi.methods.weights import EditHandle, backup, param_name, restored_on_error
 from remedi.models import LoadedModel, resolve_dtype
-from remedi.models.cast_copy import cast_copy
+from remedi.models.cast_copy import cast_copy, fast_dtype
 from remedi.tokens import cache_kwargs, encode_continuations, encode_prompts, unembed
 
 CONTEXT_PREFIXES: tuple[str, ...] = (
@@ -115,9 +116,11 @@ class RomeHyperParams:
     kl_weight: float = 0.0625
     weight_decay: float = 0.5
     kl_prompt: str = "{} is a"
-    optimise_dtype: str | None = "bfloat16"
-    """dtype of the LM copy δ is optimised on when the LM is float32 (None: the LM itself);
-    bfloat16 runs 2.3x faster on CPU with the same edit quality (see the README)."""
+    optimise_dtype: str | None = "auto"
+    """dtype of the LM copy δ is optimised on when the LM is float32 (None: the LM itself;
+    ``"auto"``: bfloat16 where :func:`~remedi.models.cast_copy.fast_dtype` says the device runs it
+    fast, else the LM itself). bfloat16 runs 2.3x faster on a CPU with bfloat16 instructions with
+    the same edit quality (see the README), and tens of times slower on one without."""
 
 
 def mlp_out_param(lm: LoadedModel, layer: int) -> torch.Tensor:
@@ -416,10 +419,12 @@ def optimise_deltas(
 
 
 def optimisation_model(lm: LoadedModel, dtype: str | None) -> LoadedModel:
-    """The LM to optimise δ on: a cached ``dtype`` copy when ``lm`` is float32, else ``lm``."""
+    """The LM to optimise δ on: a cached ``dtype`` copy when ``lm`` is float32, else ``lm``
+    (``"auto"``: :func:`~remedi.models.cast_copy.fast_dtype` of the LM's device)."""
     if dtype is None or lm.dtype != torch.float32:
         return lm
-    return cast_copy(lm, resolve_dtype(dtype))
+    target = fast_dtype(lm.device) if dtype == "auto" else resolve_dtype(dtype)
+    return lm if target is None else cast_copy(lm, target)
 
 
 def rank_one_update(

@@ -4,9 +4,11 @@
     ...run an optimisation on fast.model...
     fast = cast_copy(lm, torch.bfloat16)   # the same copy; only parameters written since are recast
 
-ROME and MEMIT optimise their target vectors on such a copy: on a CPU with bfloat16 matrix
-instructions the forward and backward passes run 2-4x faster than in float32, while the
-weight update itself is still computed from the LM's own weights. The copy shares the
+ROME and MEMIT optimise their target vectors on such a copy where :func:`fast_dtype` says the
+device computes bfloat16 fast: on a CPU with bfloat16 matrix instructions the forward and
+backward passes run 2-4x faster than in float32, while the weight update itself is still
+computed from the LM's own weights. A CPU without them (AVX2 only) runs bfloat16 matrix
+products tens of times slower than float32, so there the LM itself is used. The copy shares the
 tokenizer, lives as long as the original model, and re-syncs any parameter written in place
 since the last call (an edit, or an edit's restore), detected through the tensor version counter.
 """
@@ -37,6 +39,22 @@ _COPIES: weakref.WeakKeyDictionary[nn.Module, _Copy] = weakref.WeakKeyDictionary
 def _stamp(param: torch.Tensor) -> tuple[int, int]:
     """What changes when a parameter is written: its storage or its in-place version."""
     return param.data_ptr(), param._version
+
+
+def fast_dtype(device: torch.device | str) -> torch.dtype | None:
+    """bfloat16 where ``device`` computes it faster than float32, else None.
+
+    A CUDA device qualifies when it supports bfloat16; a CPU when oneDNN reports bfloat16
+    support (AVX-512 or AMX). On an AVX2-only CPU a 64 x 640 by 640 x 2048 bfloat16 matrix
+    product took 43x as long as in float32 (0.40 s vs 9.3 ms), so it gets None there.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":
+        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        return torch.bfloat16 if check is not None and bool(check()) else None
+    return None
 
 
 def cast_copy(lm: LoadedModel, dtype: torch.dtype) -> LoadedModel:
