@@ -691,6 +691,9 @@ def evaluate(
         summary = summarize(result.per_case)
         fields = run_protocol(args, family, method) | {"model": lm.spec}
         rows.append(summary_row(result, lm.spec, len(cases), summary, names, fields))
+        section = evaluate_config.METHOD_SECTIONS.get(method)
+        if section is not None:
+            rows[-1]["settings"] = dataclasses.asdict(method_settings(args)[section])
         if result.skipped:
             rows[-1]["n_cases"] = len(cases) - len(result.skipped)
             rows[-1]["n_skipped"] = len(result.skipped)

@@ -53,6 +53,14 @@ SECTIONS: dict[str, type] = {
 """Config sections and the dataclass each one fills (``ft`` serves FT and FT-L; ``remedi``
 how a trained REMEDI editor is applied; ``probe``,
 ``mcrae`` and ``biosbias`` hold the settings of those tasks, see :mod:`remedi.evaluations`)."""
+METHOD_SECTIONS: dict[str, str] = {
+    "rome": "rome",
+    "memit": "memit",
+    "ft": "ft",
+    "ft-l": "ft",
+    "remedi": "remedi",
+}
+"""The config section that holds each method's settings (recorded in its summary row)."""
 ALIASES: dict[str, tuple[tuple[str, str], ...]] = {
     "layer": (("rome", "layer"), ("ft", "layer")),
     "n_context": (("rome", "n_context"), ("memit", "n_context")),

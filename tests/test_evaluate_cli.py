@@ -58,6 +58,10 @@ def test_table_for_several_methods(setup: dict[str, Path]) -> None:
     table = (setup["out"] / "summary.md").read_text().splitlines()
     assert len(table) == 4 + len(methods) and table[0].startswith("| method")
     assert table[-1].startswith("Protocol: CounterFact probability comparisons, scoring mean")
+    settings = {row["method"]: row.get("settings") for row in summary}
+    assert settings["none"] is None and settings["prefix"] is None
+    assert settings["rome"]["layer"] == 1 and settings["rome"]["steps"] == 3
+    assert settings["memit"]["layers"] == [0, 1] and settings["ft-l"]["steps"] == 3
 
 
 def test_single_method_summary_is_one_flat_object(setup: dict[str, Path]) -> None:

@@ -1,0 +1,43 @@
+"""A trained REMEDI editor in remedi.evaluate's CounterFact table, with ``--remedi.alpha``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import COUNTERFACT_RECORDS
+from evaluations_fixtures import trained_setup
+
+from remedi import evaluate
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("remedi_eval")
+    paths = trained_setup(root)
+    paths["data"] = root / "cf.json"
+    paths["data"].write_text(json.dumps(COUNTERFACT_RECORDS))
+    return paths
+
+
+def _rows(trained: dict[str, Path], out: Path, *extra: str) -> dict[str, dict]:
+    argv = ["--model", str(trained["model"]), "--data", str(trained["data"])]
+    argv += ["--method", "none", "--method", "remedi", "--checkpoint", str(trained["checkpoint"])]
+    assert evaluate.main([*argv, "--output", str(out), *extra]) == 0
+    return {row["method"]: row for row in json.loads((out / "summary.json").read_text())}
+
+
+def test_alpha_scales_the_edit_and_is_recorded_in_the_row(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    plain = _rows(trained, tmp_path / "a1")
+    scaled = _rows(trained, tmp_path / "a3", "--remedi.alpha", "3")
+    assert plain["remedi"]["settings"] == {"alpha": 1.0}
+    assert scaled["remedi"]["settings"] == {"alpha": 3.0} and "settings" not in scaled["none"]
+    unedited = plain["none"]["efficacy_magnitude"]
+    assert scaled["none"]["efficacy_magnitude"] == pytest.approx(unedited)
+    moved = plain["remedi"]["efficacy_magnitude"] - unedited
+    # the one-step editor's direction is small, so the change is close to linear in alpha
+    assert abs(moved) > 0
+    assert scaled["remedi"]["efficacy_magnitude"] - unedited == pytest.approx(3 * moved, rel=0.1)
