@@ -4,10 +4,11 @@ in Bios pickle, and a tiny saved model with a REMEDI checkpoint trained for one 
 from __future__ import annotations
 
 import csv
+import json
 import pickle
 from pathlib import Path
 
-from conftest import lightning_trainer, tiny_model
+from conftest import COUNTERFACT_RECORDS, lightning_trainer, tiny_model
 
 MCRAE_ROWS = {
     "apple": ["a_fruit", "is_red", "is_edible", "grows_on_trees", "is_round"],
@@ -71,7 +72,8 @@ def write_bios(path: Path) -> Path:
 
 
 def trained_setup(root: Path, layer: int = 1) -> dict[str, Path]:
-    """A tiny saved model and a REMEDI checkpoint (one training step on the tiny McRae table)."""
+    """A tiny saved model, a REMEDI checkpoint (one training step on the tiny McRae table) and
+    the shared CounterFact records as a data file."""
     from datamodules import McRaeDataModule
     from lightning_modules import RemediModule, register_model
     from remedi.models import load_model
@@ -87,4 +89,6 @@ def trained_setup(root: Path, layer: int = 1) -> dict[str, Path]:
     module = RemediModule(model=loaded.spec, layer=layer, lambda_u=0.0)
     run = root / "run"
     lightning_trainer(run, max_epochs=1, limit_train_batches=1).fit(module, data)
-    return {"model": model_dir, "checkpoint": run / "last.ckpt", "mcrae": mcrae}
+    data = root / "cf.json"
+    data.write_text(json.dumps(COUNTERFACT_RECORDS))
+    return {"model": model_dir, "checkpoint": run / "last.ckpt", "mcrae": mcrae, "data": data}

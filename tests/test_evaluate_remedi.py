@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import COUNTERFACT_RECORDS
 from evaluations_fixtures import trained_setup
 
 from remedi import evaluate
@@ -14,11 +13,7 @@ from remedi import evaluate
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("remedi_eval")
-    paths = trained_setup(root)
-    paths["data"] = root / "cf.json"
-    paths["data"].write_text(json.dumps(COUNTERFACT_RECORDS))
-    return paths
+    return trained_setup(tmp_path_factory.mktemp("remedi_eval"))
 
 
 def _rows(trained: dict[str, Path], out: Path, *extra: str) -> dict[str, dict]:

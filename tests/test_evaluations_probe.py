@@ -20,11 +20,7 @@ from remedi.tokens import encode_prompts
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("probe")
-    paths = trained_setup(root)
-    paths["data"] = root / "cf.json"
-    paths["data"].write_text(json.dumps(COUNTERFACT_RECORDS))
-    return paths
+    return trained_setup(tmp_path_factory.mktemp("probe"))
 
 
 def test_shuffled_labels_keep_the_balance_and_score_near_chance() -> None:
