@@ -7,7 +7,7 @@ facts) and the product's own code paths:
   ``--steps`` steps, with a validation pass and a ROME ``EditorBaseline`` callback every
   ``--val-every`` steps (0: no validation; the default 25 puts the first ones, which build
   one-off state such as the bfloat16 copy ROME optimises on, inside the warm-up);
-- ``rome``: :func:`remedi.methods.registry.score_method` with ``"rome"``, what
+- ``rome``: :func:`remedi.evaluation.runner.run_method` with ``"rome"``, what
   ``remedi.evaluate --method rome`` runs, on ``--cases`` synthetic CounterFact-style cases.
 
 Resident set size (RSS, after a ``gc.collect()``) and the number of hooks registered on the LM
@@ -230,24 +230,20 @@ def rome_run(
     lm: LoadedModel, cases: Sequence[EditCase], samples: Samples, layer: int = 1
 ) -> dict[str, Any]:
     """Score ROME on every case with the shared registry (one edit, score, restore each)."""
-    from remedi.methods.registry import score_method
-    from remedi.methods.rome import RomeHyperParams
+    from remedi import registry
+    from remedi.evaluation.runner import run_method
 
-    def under_edit(indices: range) -> None:
+    def under_edit(indices: range, edited: registry.Edited) -> None:
         done = indices[-1] + 1
         if samples.due(done, len(cases)):
             samples.take(done, lm)
 
     start = time.perf_counter()
-    result = score_method(
-        lm,
-        "rome",
-        cases,
-        layer=layer,
-        hparams=RomeHyperParams(layer=layer),
-        progress=False,
-        under_edit=under_edit,
+    rome = registry.editor("rome", layer=layer)
+    rome.environment = registry.Environment(
+        statistics=registry.Statistics(enabled=False), progress=False
     )
+    result = run_method(lm, rome, cases, under_edit)
     summary = samples.summary(time.perf_counter() - start)
     summary["n_cases"] = len(result.per_case)
     summary["seconds_per_edit"] = sum(result.edit_seconds) / max(1, len(result.edit_seconds))

@@ -1,4 +1,5 @@
-"""Train REMEDI editors at several layers with plain PyTorch and score them before and after.
+"""Train REMEDI editors at several layers (``RemediModule`` under a Lightning ``Trainer``) and
+score them before and after.
 
 Used for the layer sweep and the comparison with the reference implementation, e.g.
 
@@ -9,112 +10,134 @@ Used for the layer sweep and the comparison with the reference implementation, e
         --n-val 200 --test ../shared/data/counterfact/counterfact-val.mend_format.json \
         --n-test 200 --output /tmp/bar.json                        # the reference's split
 
-Training follows the module's defaults (AdamW, batch 16, λ_m=1, λ_u=1, λ_kl=10, first-token
-targets, paraphrase prompts); after each epoch the validation loss picks the best editor, which
-is scored on the test cases (with the unedited model's scores beside it).
+Training uses the module and datamodule of ``python -m remedi.train fit``, with the module's
+defaults (AdamW, batch 16, λ_m=1, λ_u=1, λ_kl=10, first-token targets, paraphrase prompts) and
+``CounterFactDataModule``'s ``ordered`` split, without early stopping; after each epoch the
+validation loss picks the best editor (the module keeps its weights), which is scored on the
+test cases with the unedited model's scores beside it. No checkpoint or log is written: the
+results go to ``--output``.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import random
 import resource
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
-from tqdm import tqdm
 
 from datamodules import CounterFactDataModule
+from lightning_modules import RemediModule, shared_model
 from remedi.allocator import release_freed_memory
 from remedi.atomic import write_json
 from remedi.data import EditCase
-from remedi.editors import (
-    LossWeights,
-    attribute_states,
-    build_editor,
-    examples_from_case,
-    metrics_context,
-    remedi_loss,
-)
 from remedi.metrics import evaluate_cases
-from remedi.models import LoadedModel, load_model
 
 
-def _contexts(cases: list[EditCase]) -> tuple[list[str], list[str]]:
-    return [c.subject for c in cases], [f"{c.rewrite_prompt} {c.target_new}" for c in cases]
+class SweepTimings(L.Callback):
+    """Seconds spent where the sweep reports them: attribute precomputation (the module's
+    ``on_fit_start``), training, each optimizer step, and the validation loss of each epoch."""
+
+    def __init__(self) -> None:
+        self.history: list[dict[str, float]] = []
+        self.step_times: list[float] = []
+        self.precompute_s = 0.0
+        self.train_s = 0.0
+        self._clock = 0.0
+        self._step = 0.0
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start timing the precomputation (callbacks run before the module's hook)."""
+        self._clock = time.perf_counter()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """End the precomputation; start timing training."""
+        now = time.perf_counter()
+        self.precompute_s, self._clock = now - self._clock, now
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Start timing a step."""
+        self._step = time.perf_counter()
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """Record a step's seconds."""
+        self.step_times.append(time.perf_counter() - self._step)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Record the epoch's validation loss."""
+        if not trainer.sanity_checking and "val/loss" in trainer.callback_metrics:
+            loss = float(trainer.callback_metrics["val/loss"])
+            self.history.append({"epoch": trainer.current_epoch, "val_loss": loss})
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """End timing training."""
+        self.train_s = time.perf_counter() - self._clock
 
 
 def run_layer(
-    lm: LoadedModel,
-    layer: int,
-    train: list[EditCase],
-    val: list[EditCase],
-    test: list[EditCase],
-    args: argparse.Namespace,
+    layer: int, data: CounterFactDataModule, test: list[EditCase], args: argparse.Namespace
 ) -> dict[str, Any]:
+    """Train an editor at ``layer`` on ``data``, then score its best weights on ``test``."""
     torch.manual_seed(args.seed)
-    examples = [e for c in train for e in examples_from_case(c)[: args.prompts_per_case]]
-    val_examples = [e for c in val for e in examples_from_case(c)[:1]]
-    start = time.perf_counter()
-    attr = attribute_states(lm, layer, [e.context for e in examples], [e.entity for e in examples])
-    val_attr = attribute_states(
-        lm, layer, [e.context for e in val_examples], [e.entity for e in val_examples]
+    module = RemediModule(
+        model=args.model,
+        layer=layer,
+        editor=args.editor,
+        lr=args.lr,
+        weight_decay=0.01,
+        lambda_kl=args.lambda_kl,
+        scoring=args.scoring,
     )
-    precompute_s = time.perf_counter() - start
-    editor = build_editor(args.editor, lm.arch.hidden_size)
-    optimizer = torch.optim.AdamW(editor.parameters(), lr=args.lr, weight_decay=0.01)
-    weights = LossWeights(kl=args.lambda_kl)
-    best: tuple[float, dict[str, torch.Tensor]] = (float("inf"), copy.deepcopy(editor.state_dict()))
-    history = []
-    step_times: list[float] = []
-    train_start = time.perf_counter()
-    for epoch in range(args.epochs):
-        order = list(range(len(examples)))
-        random.Random(args.seed + epoch).shuffle(order)
-        batches = [order[i : i + args.batch_size] for i in range(0, len(order), args.batch_size)]
-        for idx in tqdm(batches, desc=f"layer {layer} epoch {epoch}"):
-            t0 = time.perf_counter()
-            terms = remedi_loss(lm, layer, editor, [examples[i] for i in idx], attr[idx], weights)
-            optimizer.zero_grad()
-            terms["loss"].backward()
-            optimizer.step()
-            step_times.append(time.perf_counter() - t0)
-        with torch.no_grad():
-            losses = []
-            for i in range(0, len(val_examples), args.batch_size):
-                chunk = val_examples[i : i + args.batch_size]
-                loss = remedi_loss(lm, layer, editor, chunk, val_attr[i : i + len(chunk)], weights)
-                losses.append(float(loss["loss"]) * len(chunk))
-        val_loss = sum(losses) / len(val_examples)
-        history.append({"epoch": epoch, "val_loss": val_loss})
-        if val_loss < best[0]:
-            best = (val_loss, copy.deepcopy(editor.state_dict()))
-    train_s = time.perf_counter() - train_start
-    editor.load_state_dict(best[1])
-    entities, contexts = _contexts(test)
-    test_attr = attribute_states(lm, layer, contexts, entities)
-    edit = metrics_context(lm, layer, editor, test_attr)
+    timings = SweepTimings()
+    trainer = L.Trainer(
+        accelerator="auto",
+        devices=1,
+        max_epochs=args.epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        inference_mode=False,
+        callbacks=[timings],
+    )
+    trainer.fit(module, datamodule=data)
+    module.use_best_weights()
     with torch.no_grad():
         summary, _ = evaluate_cases(
-            lm.model, lm.tokenizer, test, edit=edit, batch_size=32, scoring=args.scoring
+            module.lm.model,
+            module.lm.tokenizer,
+            test,
+            edit=module.case_edit(test),
+            batch_size=32,
+            scoring=args.scoring,
         )
     return {
         "layer": layer,
         "metrics": summary,
-        "history": history,
-        "precompute_s": precompute_s,
-        "train_s": train_s,
-        "median_step_s": statistics.median(step_times),
-        "n_train_examples": len(examples),
+        "history": timings.history,
+        "precompute_s": timings.precompute_s,
+        "train_s": timings.train_s,
+        "median_step_s": statistics.median(timings.step_times),
+        "n_train_examples": len(data.train_examples),
     }
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The sweep's command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="gemma3-270m")
     parser.add_argument("--layers", type=int, nargs="+", default=[1])
@@ -133,7 +156,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", required=True, type=Path)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run the sweep; the results (also written to ``--output`` after each layer)."""
+    args = parse_args(argv)
     release_freed_memory()
     torch.set_num_threads(args.threads)
     data = CounterFactDataModule(
@@ -143,10 +171,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         n_val=args.n_val,
         n_test=args.n_test,
         split="ordered",
+        batch_size=args.batch_size,
+        seed=args.seed,
+        prompts_per_case=args.prompts_per_case,
     )
     data.setup("fit")
     test = data.test_cases
-    lm = load_model(args.model)
+    lm = shared_model(args.model)
     with torch.no_grad():
         unedited, _ = evaluate_cases(lm.model, lm.tokenizer, test, scoring=args.scoring)
     result: dict[str, Any] = {
@@ -159,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     write_json(args.output, result)
     for layer in args.layers:
-        result["layers"].append(run_layer(lm, layer, data.train_cases, data.val_cases, test, args))
+        result["layers"].append(run_layer(layer, data, test, args))
         result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
         write_json(args.output, result)
         print(json.dumps(result["layers"][-1]["metrics"]), flush=True)

@@ -10,10 +10,10 @@ Steps (``--only`` picks some, in this order):
   GGUF is assembled and dequantised) and warm (the cache filled; median of the repeats);
 - ``second_moment``: :func:`remedi.methods.second_moment.collect` of ROME's layer into the run's
   empty statistics cache (tokens per second), then C⁻¹, then both again from the cache;
-- ``rome``: :func:`remedi.methods.registry.case_editor` ``"rome"`` per built-in fact, seconds per
+- ``rome``: the registered ``"rome"`` method's ``write`` per built-in fact, seconds per
   edit with the statistics cached, and the first edit's cost with them cold;
 - ``memit``: :func:`remedi.methods.memit.apply_edits` of K built-in facts at once;
-- ``ft`` / ``ft_l``: :func:`remedi.methods.finetune.apply_edit` (``case_editor`` ``"ft"`` and
+- ``ft`` / ``ft_l``: :func:`remedi.methods.finetune.apply_edit` (the registered ``"ft"`` and
   ``"ft-l"``), seconds per edit;
 - ``kn``: :func:`remedi.methods.knowledge_neurons.identify` (integrated gradients over every
   layer, for each of the fact's prompts), seconds per fact;
@@ -324,9 +324,20 @@ def second_moment_step(ctx: Context, r: dict[str, Any]) -> str:
     )
 
 
+def case_editor(lm: Any, name: str, layer: int, stats: Any = None) -> Any:
+    """A function that writes one case with the registered method ``name`` at ``layer`` (ROME:
+    with the layer's second moment ``stats``; None: identity) and returns its restoring handle."""
+    from remedi import registry
+
+    method = registry.editor(name, layer=layer)
+    method.environment.statistics = registry.Statistics(
+        enabled=stats is not None, cache={} if stats is None else {layer: stats}
+    )
+    return lambda case: method.write(lm, [case])[0]
+
+
 def rome_step(ctx: Context, r: dict[str, Any]) -> str:
     from remedi.methods import rome
-    from remedi.methods.registry import case_editor
 
     layer = rome.default_layer(ctx.lm)
     stats_s, stats = ctx.collect([layer])
@@ -373,7 +384,6 @@ def finetune_step(method: str) -> Callable[[Context, dict[str, Any]], str]:
 
     def step(ctx: Context, r: dict[str, Any]) -> str:
         from remedi.methods import rome
-        from remedi.methods.registry import case_editor
 
         layer = rome.default_layer(ctx.lm)
         times = ctx.edit_seconds(case_editor(ctx.lm, method, layer), ctx.sizes.repeats)

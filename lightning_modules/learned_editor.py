@@ -3,20 +3,23 @@
 It holds what they all need: the shared frozen LM (a plain attribute: never trained, never in a
 checkpoint), validation and test CounterFact metrics through torchmetrics, TensorBoard logging
 of each loss term under ``train/``, ``val/`` and ``test/``, checkpoint metadata (method, model,
-layers) checked on load with one clear line, and the best-validation weights: a copy is kept
-whenever ``val/loss`` improves, saved in every checkpoint with its loss (so a resumed run keeps
-it), and put in place before ``test`` and ``predict`` and by :meth:`use_best_weights`.
+layers) checked on load with one clear line (:func:`remedi.checkpoints.check_meta`), and the
+best-validation weights: a copy is kept whenever ``val/loss`` improves, saved in every
+checkpoint with its loss (so a resumed run keeps it), and put in place before ``test`` and
+``predict`` and by :meth:`use_best_weights`.
 
-A subclass sets ``self.editor`` (the trainable ``nn.Module``) and implements
-:meth:`training_terms`, :meth:`eval_terms`, :meth:`case_edit` and :attr:`edit_layers`. For
-``--ckpt_path`` it also sorts its ``__init__`` arguments: ``checkpoint_fixed`` (what the trained
-weights were built for: the given value must match the checkpoint's) and ``checkpoint_restored``
-(replaced by the optimizer state when ``fit`` resumes: must match then); every other argument
-(scoring, batch sizes, loss weights) may differ from the checkpoint's.
+A subclass sets ``self.editor`` (the trainable ``nn.Module``) and implements the abstract
+:meth:`training_terms`, :meth:`eval_terms`, :meth:`case_edit` and :attr:`edit_layers` (a class
+missing one cannot be instantiated). For ``--ckpt_path`` it also sorts its ``__init__``
+arguments: ``checkpoint_fixed`` (what the trained weights were built for: the given value must
+match the checkpoint's) and ``checkpoint_restored`` (replaced by the optimizer state when ``fit``
+resumes: must match then); every other argument (scoring, batch sizes, loss weights) may differ
+from the checkpoint's.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Literal, cast
 
 import lightning as L
@@ -25,6 +28,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MeanMetric, SumMetric
 
+from remedi import checkpoints
 from remedi.data import EditCase
 from remedi.metrics import METRIC_NAMES, EditContext, evaluate_cases, harmonic_mean
 from remedi.metrics.counterfact import SCORE_NAMES, Scoring
@@ -66,8 +70,8 @@ def shared_model(spec: str, dtype: str = "float32") -> LoadedModel:
     return _MODELS[key]
 
 
-class LearnedEditorModule(L.LightningModule):
-    """Base of the learned-editor modules; see the module docstring.
+class LearnedEditorModule(L.LightningModule, ABC):
+    """Abstract base of the learned-editor modules; see the module docstring.
 
     ``train_unit`` tells the datamodule what a training batch holds: REMEDI examples
     (``"examples"``) or whole edit cases (``"cases"``, MEND and KE).
@@ -98,21 +102,21 @@ class LearnedEditorModule(L.LightningModule):
 
     # -- what a method supplies -------------------------------------------------------------
     @property
+    @abstractmethod
     def edit_layers(self) -> list[int]:
         """The LM layers the editor acts on (checked against a checkpoint's)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def training_terms(self, batch: Any) -> dict[str, torch.Tensor]:
         """Loss terms of a training batch; ``"loss"`` is optimised."""
-        raise NotImplementedError
 
+    @abstractmethod
     def eval_terms(self, batch: Any) -> dict[str, torch.Tensor]:
         """Loss terms of a validation/test :class:`~datamodules.remedi_data.CaseBatch`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def case_edit(self, cases: list[EditCase]) -> EditContext:
         """How the CounterFact metrics see ``cases`` edited (row ``case_index`` → its case)."""
-        raise NotImplementedError
 
     def checkpoint_extra(self) -> dict[str, Any]:
         """More metadata to save with a checkpoint (informational, not checked)."""
@@ -266,32 +270,9 @@ class LearnedEditorModule(L.LightningModule):
             }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_checkpoint_meta(checkpoint, self.checkpoint_meta())
+        checkpoints.check_meta(checkpoint, self.checkpoint_meta())
         best = checkpoint.get("remedi_best")
         if best is not None:
             self.best_val_loss = float(best["val_loss"])
             self.best_epoch = best["epoch"]
             self.best_editor_state = dict(best["state_dict"])
-
-
-def check_checkpoint_meta(checkpoint: dict[str, Any], mine: dict[str, Any]) -> None:
-    """Raise a one-line ``ValueError`` when ``checkpoint`` was trained for another method,
-    model, layer set or hidden size than ``mine`` describes."""
-    saved = checkpoint.get("remedi")
-    if saved is None:
-        raise ValueError("checkpoint: not a remedi checkpoint (no 'remedi' entry)")
-    saved = dict(saved)
-    saved.setdefault("method", "remedi")  # written before MEND/KE existed
-    if "layers" not in saved and "layer" in saved:
-        saved["layers"] = [saved["layer"]]
-    if saved["method"] != mine["method"]:
-        raise ValueError(
-            f"checkpoint: trained a {saved['method']!r} editor, but this run loads a "
-            f"{mine['method']!r} editor"
-        )
-    if any(saved.get(k) != mine[k] for k in ("model", "layers", "hidden_size")):
-        raise ValueError(
-            f"checkpoint: trained for model {saved.get('model')!r} layers {saved.get('layers')} "
-            f"(hidden {saved.get('hidden_size')}), but this run uses model {mine['model']!r} "
-            f"layers {mine['layers']} (hidden {mine['hidden_size']})"
-        )

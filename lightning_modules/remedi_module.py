@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 def case_context(case: EditCase) -> tuple[str, str]:
     """``(entity, context)`` whose attribute the editor turns into a direction for ``case``."""
-    return case.subject, f"{case.rewrite_prompt} {str(case.target_new).strip()}"
+    return case.subject, case.edit_statement
 
 
 class RemediModule(LearnedEditorModule):

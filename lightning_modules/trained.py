@@ -1,33 +1,35 @@
-"""Load a trained learned editor (REMEDI, MEND, KE) from its checkpoint for evaluation or editing,
-outside Lightning's loops, with its best-validation weights in place."""
+"""Load a trained editor's LightningModule (the registered trained methods') from its checkpoint,
+outside Lightning's loops, with its best-validation weights in place. Commands reach trained
+editors through :mod:`remedi.registry` instead, which needs no Lightning."""
 
 from __future__ import annotations
 
+import importlib
 import logging
-import pickle
-import re
 from pathlib import Path
 
-import torch
-
-from lightning_modules.gradient_editor import KeModule, MendModule
-from lightning_modules.learned_editor import (
-    LearnedEditorModule,
-    check_checkpoint_meta,
-    register_model,
-)
-from lightning_modules.remedi_module import RemediModule
+from lightning_modules.learned_editor import LearnedEditorModule, register_model
+from remedi import checkpoints, registry
 from remedi.models import LoadedModel
 
 log = logging.getLogger(__name__)
 
-_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+def module_class(method: str) -> type[LearnedEditorModule]:
+    """The LightningModule that trains the registered trained ``method``."""
+    path = registry.method_class(method).lightning_module
+    if path is None:
+        trained = ", ".join(registry.trained_names())
+        raise ValueError(f"method {method!r} is not a learned editor ({trained})")
+    module, _, name = path.partition(":")
+    found: type[LearnedEditorModule] = getattr(importlib.import_module(module), name)
+    return found
+
 
 LEARNED_METHODS: dict[str, type[LearnedEditorModule]] = {
-    "remedi": RemediModule,
-    "mend": MendModule,
-    "ke": KeModule,
+    name: module_class(name) for name in registry.trained_names()
 }
+"""Each registered trained method's LightningModule (from :mod:`remedi.registry`)."""
 
 
 def load_trained(
@@ -46,21 +48,13 @@ def load_trained(
     register_model(lm, dtype)
     cls = LEARNED_METHODS[method]
     try:
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if saved.get("remedi", {}).get("method", "remedi") != method:  # before building one
-            check_checkpoint_meta(saved, {"method": method})
+        checkpoints.check(checkpoint, method=method)
         module = cls.load_from_checkpoint(
             checkpoint, map_location="cpu", weights_only=True, model=lm.spec, model_dtype=dtype
         )
     except ValueError as err:  # another method, model or layer set: name the file
         raise ValueError(str(err).replace("checkpoint:", f"checkpoint {checkpoint}:", 1)) from err
-    except (RuntimeError, KeyError, EOFError, AttributeError, pickle.UnpicklingError) as err:
-        found = _GLOBAL.search(str(err))
-        if isinstance(err, pickle.UnpicklingError) and found:
-            raise ValueError(
-                f"checkpoint {checkpoint}: refused: it pickles {found.group(1)}, not only tensors "
-                "and plain data (remedi loads checkpoints with weights_only=True)"
-            ) from err
+    except (RuntimeError, KeyError, EOFError, AttributeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(
             f"checkpoint {checkpoint}: cannot be read as a {method} checkpoint ({first})"

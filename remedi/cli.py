@@ -8,11 +8,9 @@ import argparse
 import json
 import logging
 import os
-import pickle
 import re
 import sys
 import warnings
-import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, NoReturn
@@ -205,57 +203,21 @@ def check_output_dir(path: Path, flag: str = "--output") -> None:
 def check_checkpoint_file(
     path: Path, flag: str = "--checkpoint", method: str | None = None, model: str | None = None
 ) -> None:
-    """Reject a checkpoint that is missing or not a zip archive (what ``torch.save`` writes), so
-    that a truncated or wrong file stops before the model loads. With ``method`` (a learned
-    editor), also read it (weights only) and reject one that is garbled, not remedi's, or
-    trained as another method or for another ``model``."""
-    if not path.is_file():
-        raise UsageError(f"{flag}: file not found: {path}")
-    if not zipfile.is_zipfile(path):
-        raise UsageError(
-            f"{flag} {path}: not a PyTorch checkpoint (not a zip archive; truncated, or another "
-            "kind of file?)"
-        )
-    if method is None:
-        return
+    """Reject, before the model loads, a checkpoint (a ``.ckpt`` file or a shipped editor
+    folder) that is missing, truncated, unsafe or not remedi's, or (given ``method`` and
+    ``model``) trained as another method or for another model (:func:`remedi.checkpoints.check`)."""
+    from remedi import checkpoints
+
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except CHECKPOINT_ERRORS as err:
-        raise UsageError(
-            f"{flag} {path}: cannot be read as a checkpoint ({one_line(err)})"
-        ) from err
-    if not isinstance(saved, dict) or not isinstance(saved.get("remedi"), dict):
-        raise UsageError(f"{flag} {path}: not a remedi checkpoint (no 'remedi' entry)")
-    problem = checkpoint_meta_problem(saved["remedi"], method, model)
-    if problem:
-        raise UsageError(f"{flag} {path}: {problem}")
-
-
-CHECKPOINT_ERRORS: tuple[type[Exception], ...] = (
-    RuntimeError,
-    OSError,
-    EOFError,
-    ValueError,
-    KeyError,
-    pickle.UnpicklingError,
-    zipfile.BadZipFile,
-)
-"""What ``torch.load`` raises for a truncated, garbled or foreign checkpoint file."""
-
-
-def checkpoint_meta_problem(
-    meta: Mapping[str, Any], method: str | None = None, model: str | None = None
-) -> str | None:
-    """Why a checkpoint's ``remedi`` entry does not fit a run of ``method`` on ``model`` (each
-    None: not checked), in words; None when it fits. Layers and widths are checked once the
-    model is loaded."""
-    saved_method = meta.get("method", "remedi")  # written before MEND/KE existed
-    if method is not None and saved_method != method:
-        return f"trained a {saved_method!r} editor, but this run loads a {method!r} editor"
-    saved_model = meta.get("model")
-    if model is not None and saved_model is not None and saved_model != model:
-        return f"trained for model {saved_model!r}, but this run uses model {model!r}"
-    return None
+        if method is None:
+            checkpoints.read(path)
+        else:
+            checkpoints.check(path, method=method, model=model)
+    except checkpoints.CheckpointError as err:
+        detail = str(err).removeprefix(f"checkpoint {path}: ")
+        if detail.startswith("file not found"):
+            raise UsageError(f"{flag}: file not found: {path}") from err
+        raise UsageError(f"{flag} {path}: {detail}") from err
 
 
 MODEL_LOAD_ERRORS: tuple[type[Exception], ...] = (
@@ -322,3 +284,16 @@ class _DropAdverts(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("💡 Tip:")
+
+
+def load_data(spec: str) -> list[Any]:
+    """The cases ``--data`` names (:func:`remedi.data.load_spec`: ``builtin[:SPLIT]`` or a
+    file); a one-line :class:`UsageError` naming ``--data`` otherwise."""
+    from remedi.data import load_spec
+
+    try:
+        return load_spec(spec)
+    except (OSError, ValueError) as err:
+        if spec.startswith("builtin"):
+            raise UsageError(f"--data {err}") from err
+        raise UsageError(file_error("--data", spec, err)) from err

@@ -15,6 +15,7 @@ the same) unless ``--allow-failed``, and with 2 on a usage error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from typing import Any, NoReturn
 import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from remedi import registry
 from remedi.allocator import release_freed_memory
 from remedi.atomic import atomic_dir
 from remedi.cli import (
@@ -46,7 +48,6 @@ from remedi.cli import (
     one_line,
     quiet_warnings,
 )
-from remedi.data import EditCase
 from remedi.methods.requests import EditRequest, load_requests
 from remedi.metrics import ScoredRow, row_probabilities
 from remedi.models import DEFAULT_MODEL, LoadedModel
@@ -54,8 +55,6 @@ from remedi.models.loading import DTYPES, save_tokenizer
 from remedi.signals import interruptible
 from remedi.tokens import encode_continuations, top_prediction
 
-METHODS = ("rome", "memit", "kn", "ft", "mend", "ke")
-LEARNED = ("mend", "ke")
 DEFAULT_THREADS = 1
 EDIT_FAILED = 1
 """Exit code when an edit did not take (without ``--allow-failed``)."""
@@ -94,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n")[0],
         epilog=EPILOG,
     )
-    p.add_argument("method", choices=METHODS, help="the editing method")
+    p.add_argument(
+        "method", choices=weight_methods(), help="the editing method (one that writes weights)"
+    )
     p.add_argument(
         "--model",
         default=DEFAULT_MODEL,
@@ -139,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint",
         type=Path,
         default=None,
-        help="mend/ke: the trained editor's checkpoint (python -m remedi.train fit ...)",
+        help="a trained editor's checkpoint (python -m remedi.train fit ...) or shipped folder",
     )
     p.add_argument(
         "--allow-failed",
@@ -164,7 +165,8 @@ def _check(args: argparse.Namespace, requests: Sequence[EditRequest]) -> str | N
 
     if not source_exists(args.corpus):
         return f"--corpus: not found: {args.corpus}"
-    if args.method in LEARNED:
+    cls = registry.method_class(args.method)
+    if cls.trained:
         if args.checkpoint is None:
             return f"{args.method} needs --checkpoint PATH (a trained {args.method} editor)"
         try:
@@ -172,33 +174,16 @@ def _check(args: argparse.Namespace, requests: Sequence[EditRequest]) -> str | N
         except UsageError as err:
             return str(err)
     elif args.checkpoint is not None:
-        return f"--checkpoint is for mend and ke, not {args.method}"
+        trained = ", ".join(m for m in weight_methods() if registry.method_class(m).trained)
+        return f"--checkpoint is for {trained}, not {args.method}"
     if args.stats_tokens < 1:
         return f"--stats-tokens must be positive, got {args.stats_tokens}"
-    if args.method == "kn":
-        from remedi.methods import knowledge_neurons
-
-        if not callable(getattr(knowledge_neurons, "apply_update", None)):
-            return "kn is not available yet (remedi.methods.knowledge_neurons.apply_update)"
-        for i, req in enumerate(requests):
-            if not req.target_true:
-                return f"request {i}: kn needs target_true (the object to replace)"
-    return None
+    return cls.check_requests(requests)
 
 
 def _layer_flags(args: argparse.Namespace) -> dict[str, list[int | None]]:
     """The layers ``--layer`` and ``--layers`` ask for, to check against the model."""
     return {"--layer": [args.layer], "--layers": list(args.layers or [])}
-
-
-def _as_case(index: int, request: EditRequest) -> EditCase:
-    return EditCase(
-        case_id=index,
-        subject=request.subject,
-        prompt=request.prompt,
-        target_true=request.target_true or "",
-        target_new=request.target_new,
-    )
 
 
 def predictions(lm: LoadedModel, requests: Sequence[EditRequest]) -> list[dict[str, Any]]:
@@ -274,53 +259,36 @@ def summary_line(
     return line
 
 
-def apply(
-    lm: LoadedModel,
-    args: argparse.Namespace,
-    requests: Sequence[EditRequest],
-    editor: Any = None,
-) -> None:
-    """Apply every request to ``lm`` in place (the edits are kept); ``editor`` is the trained
-    MEND/KE editor for those methods."""
-    from remedi.methods import second_moment
+def weight_methods() -> list[str]:
+    """The registered methods whose edits live in the weights (so the edited model can be
+    saved)."""
+    return [name for name in registry.names() if registry.method_class(name).writes_weights]
 
-    if args.method == "rome":
-        from remedi.methods import rome
 
-        hp = rome.RomeHyperParams(layer=args.layer)
-        layer = lm.arch.check_layer(
-            args.layer if args.layer is not None else rome.default_layer(lm)
+def build_method(args: argparse.Namespace) -> registry.Method:
+    """The registered method of the command, its settings from the flags that its settings
+    have (``--layer``, ``--layers``, ``--ft-eps``), the statistics from ``--corpus``."""
+    cls = registry.method_class(args.method)
+    flags = {"layer": args.layer, "layers": tuple(args.layers or ()) or None, "eps": args.ft_eps}
+    names = {f.name for f in dataclasses.fields(cls.Settings)}
+    given = {k: v for k, v in flags.items() if k in names and v is not None}
+    method = cls(checkpoint=args.checkpoint, **given)
+    method.environment = registry.Environment(
+        statistics=registry.Statistics(
+            args.corpus,
+            args.stats_tokens,
+            enabled=not args.no_stats,
+            announce=lambda line: print(line, file=sys.stderr),
         )
-        stats = None
-        if not args.no_stats:
-            stats = second_moment.collect(lm, [layer], args.corpus, n_tokens=args.stats_tokens)
-            print(second_moment.source_line(stats, args.corpus), file=sys.stderr)
-        for req in requests:
-            c = None if stats is None else stats[layer]
-            rome.apply_edit(lm, req, layer=layer, stats=c, hparams=hp)
-    elif args.method == "memit":
-        from remedi.methods import memit
+    )
+    return method
 
-        mhp = memit.MemitHyperParams(layers=tuple(args.layers) if args.layers else None)
-        layers = list(mhp.layers or memit.default_layers(lm))
-        mstats = None
-        if not args.no_stats:
-            mstats = second_moment.collect(lm, layers, args.corpus, n_tokens=args.stats_tokens)
-            print(second_moment.source_line(mstats, args.corpus), file=sys.stderr)
-        memit.apply_edits(lm, requests, stats=mstats, hparams=mhp)
-    elif args.method == "ft":
-        from remedi.methods import finetune
 
-        fhp = finetune.FinetuneHyperParams(layer=args.layer, eps=args.ft_eps)
-        for req in requests:
-            finetune.apply_edit(lm, req, fhp)
-    elif args.method in LEARNED:
-        editor.apply_edit(lm, [_as_case(i, req) for i, req in enumerate(requests)])
-    else:
-        from remedi.methods import knowledge_neurons
-
-        for i, req in enumerate(requests):
-            knowledge_neurons.apply_update(lm, _as_case(i, req))
+def apply(lm: LoadedModel, method: registry.Method, requests: Sequence[EditRequest]) -> None:
+    """Write every request into ``lm``'s weights and keep the edits (the model is saved
+    edited)."""
+    assert isinstance(method, registry.WeightMethod)
+    method.write(lm, registry.as_cases(requests))
 
 
 def save(lm: LoadedModel, output: Path, report: list[dict[str, Any]]) -> None:
@@ -356,21 +324,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_layers(lm.arch.num_layers, _layer_flags(args), args.model)
     except UsageError as err:
         return fail(err)
-    editor = None
-    if args.method in LEARNED:
-        from lightning_modules import load_trained
-
-        try:
-            editor = load_trained(args.method, args.checkpoint, lm, args.dtype).editor
-        except (OSError, ValueError) as err:
-            return fail(file_error("--checkpoint", args.checkpoint, err))
+    method = build_method(args)
+    try:
+        method.bind(lm, args.dtype)
+    except (OSError, ValueError) as err:
+        return fail(file_error("--checkpoint", args.checkpoint, err))
     try:
         before = predictions(lm, requests)
         first_tokens = [first_target_token(lm.tokenizer, req) for req in requests]
     except ValueError as err:
         return fail(f"--requests {args.requests}: {one_line(err)}")
     start = time.perf_counter()
-    apply(lm, args, requests, editor)
+    apply(lm, method, requests)
     seconds = time.perf_counter() - start
     after = predictions(lm, requests)
     report = []

@@ -553,3 +553,15 @@ def generate_continuations(
     ``batch``."""
     ids = generate_new_tokens(model, tokenizer, batch, max_new_tokens, **generate_kwargs)
     return decode_rows(tokenizer, ids)
+
+
+@torch.no_grad()
+def generate_text(lm: Any, prompt: str, max_new_tokens: int = 20, **generate_kwargs: object) -> str:
+    """The continuation ``lm`` (a :class:`~remedi.models.LoadedModel`) generates after
+    ``prompt``: greedy unless ``generate_kwargs`` say otherwise; the new text only."""
+    ids = lm.tokenizer([prompt], return_tensors="pt").to(lm.device)
+    kwargs: dict[str, object] = {"do_sample": False, **generate_kwargs}
+    out = lm.model.generate(
+        **ids, max_new_tokens=max_new_tokens, pad_token_id=lm.tokenizer.pad_token_id, **kwargs
+    )
+    return str(lm.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True))

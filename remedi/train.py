@@ -19,6 +19,12 @@ datamodules, which adds:
   ``error:`` line and exits with code 2, checked before the model loads where possible.
 - early stopping with patience 2 on ``val/loss``; ``inference_mode=False`` so that evaluation
   callbacks may take gradients during validation (Lightning then validates under ``no_grad``).
+
+The CLI uses only LightningCLI's public hooks; what happens during a run lives in Lightning's own
+extension points: the callbacks :class:`RunDirectory` (its lines, ``metrics.json``),
+:class:`RunCheckpoint` (``last.ckpt`` after every validation) and :class:`RunConfigCallback`,
+and the plugin :class:`AtomicCheckpointIO` (checkpoints written atomically, read through
+:mod:`remedi.checkpoints`).
 """
 
 from __future__ import annotations
@@ -27,20 +33,25 @@ import argparse
 import difflib
 import importlib
 import inspect
-import pickle
 import re
 import shlex
 import sys
 import warnings
-import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, ClassVar, NoReturn
 
 import lightning as L
 import torch
-from jsonargparse import DefaultHelpFormatter, Namespace
+from jsonargparse import ActionSubCommands, DefaultHelpFormatter, Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import (
+    Callback,
+    EarlyStopping,
+    ModelCheckpoint,
+    ProgressBar,
+    TQDMProgressBar,
+)
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.io import CheckpointIO, TorchCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -53,7 +64,8 @@ from lightning_modules import (
     is_registered,
     shared_model,
 )
-from lightning_modules.learned_editor import NonFiniteLossError, check_checkpoint_meta
+from lightning_modules.learned_editor import NonFiniteLossError
+from remedi import checkpoints
 from remedi.allocator import release_freed_memory
 from remedi.atomic import atomic_path, write_json
 from remedi.cli import (
@@ -63,7 +75,6 @@ from remedi.cli import (
     check_model_layers,
     check_model_spec,
     check_output_dir,
-    checkpoint_meta_problem,
     fail,
     file_error,
     one_line,
@@ -114,21 +125,70 @@ _DETAIL_NOISE = re.compile(
 )
 
 
+# -- the parser -----------------------------------------------------------------------------------
 class TrainHelpFormatter(argparse.RawDescriptionHelpFormatter, DefaultHelpFormatter):
     """jsonargparse's help (defaults, config keys) keeping the description's line breaks."""
 
 
+class DescribedSubcommands(ActionSubCommands):
+    """The subcommands, described by what they do here (Lightning takes the first lines of the
+    Trainer methods' docstrings and cuts them mid-sentence)."""
+
+    def add_subcommand(self, name: str, parser: Any, **kwargs: Any) -> Any:
+        """Add ``parser`` as subcommand ``name``, with remedi's summary of it."""
+        if name in SUBCOMMANDS:
+            kwargs["help"] = parser.description = SUBCOMMANDS[name]
+        return super().add_subcommand(name, parser, **kwargs)
+
+
 class TrainArgumentParser(LightningArgumentParser):
     """A parser whose errors are one :class:`UsageError` line naming the key, instead of the
-    full usage and jsonargparse's nested explanation."""
+    full usage and jsonargparse's nested explanation, and whose subcommands are described by
+    :data:`SUBCOMMANDS`."""
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        if not self.exit_on_error:  # a nested parser trying alternatives: it must raise as usual
+        """Raise one :class:`UsageError` line (nested parsers trying alternatives raise as
+        jsonargparse does)."""
+        if not self.exit_on_error:
             super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
         raise UsageError(parse_error_line(message, parser)) from ex
 
+    def add_subcommands(
+        self, required: bool = True, dest: str = "subcommand", **kwargs: Any
+    ) -> Any:
+        """jsonargparse's subcommands, as :class:`DescribedSubcommands`."""
+        kwargs.setdefault("action", DescribedSubcommands)
+        return super().add_subcommands(required, dest, **kwargs)
 
+
+def add_run_arguments(parser: LightningArgumentParser) -> None:
+    """The default module (REMEDI) and the run's checkpoint and early-stopping callbacks, with
+    remedi's defaults, as configurable ``checkpoint.*`` and ``early_stopping.*`` keys."""
+    parser.set_defaults({"model": {"class_path": f"lightning_modules.{RemediModule.__name__}"}})
+    parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+    parser.set_defaults(
+        {
+            "checkpoint.monitor": "val/loss",
+            "checkpoint.mode": "min",
+            "checkpoint.save_last": True,
+            "checkpoint.save_top_k": 1,
+            "checkpoint.filename": "best-epoch{epoch:02d}-step{step}",
+            "checkpoint.auto_insert_metric_name": False,
+        }
+    )
+    parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath")
+    parser.add_lightning_class_args(EarlyStopping, "early_stopping")
+    parser.set_defaults(
+        {
+            "early_stopping.monitor": "val/loss",
+            "early_stopping.patience": 2,
+            "early_stopping.strict": False,
+        }
+    )
+
+
+# -- callbacks and the checkpoint plugin ----------------------------------------------------------
 class RunCheckpoint(ModelCheckpoint):
     """Keeps the best checkpoint by the monitored metric and rewrites ``last.ckpt`` after every
     validation. Lightning (2.6) rewrites ``last.ckpt`` only when a top-k file is saved, so after
@@ -136,11 +196,13 @@ class RunCheckpoint(ModelCheckpoint):
     epoch and silently lose the epochs after it."""
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Lightning's, then ``last.ckpt`` when checkpoints are saved at epoch ends."""
         super().on_train_epoch_end(trainer, pl_module)
         if self._should_save_on_train_epoch_end(trainer):
             self._keep_last(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Lightning's, then ``last.ckpt`` when checkpoints are saved after validation."""
         super().on_validation_end(trainer, pl_module)
         if not self._should_save_on_train_epoch_end(trainer):
             self._keep_last(trainer)
@@ -151,6 +213,7 @@ class RunCheckpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Lightning's, then :func:`remove_leftovers` of a killed run."""
         super().on_train_start(trainer, pl_module)
         if trainer.is_global_zero and self.dirpath and Path(self.dirpath).is_dir():
             tracked = [*self.best_k_models, self.best_model_path, self.last_model_path]
@@ -177,21 +240,34 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     flushed to disk, renamed over it, and the folder flushed (:func:`remedi.atomic.atomic_path`).
     Lightning's own writer stages the file in the system temporary folder and moves it (a copy
     when that is another file system) without flushing, so a crash can leave a truncated or
-    empty ``last.ckpt`` in place of the previous one."""
+    empty ``last.ckpt`` in place of the previous one. Checkpoints are read through
+    :func:`remedi.checkpoints.read`: weights only, refused in one line when not remedi's."""
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
     ) -> None:
+        """Write ``checkpoint`` to ``path`` atomically."""
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         with atomic_path(path) as tmp:
             torch.save(checkpoint, tmp)
 
+    def load_checkpoint(
+        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        """The checkpoint at ``path``, on the CPU (Lightning moves its state where it goes)."""
+        return checkpoints.read(path)
+
 
 class RunConfigCallback(SaveConfigCallback):
-    """Lightning's writer of the resolved config, writing it atomically and durably too."""
+    """Lightning's writer of the resolved config, writing it atomically and durably, as
+    ``config.yaml`` for ``fit`` and ``config-<subcommand>.yaml`` for the others."""
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Save the config of ``stage`` into the run directory."""
+        name = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn
+        if name != "fit":
+            self.config_filename = f"config-{name}.yaml"
         save = self.parser.save
 
         def atomic_save(config: Namespace, path: str, **kwargs: Any) -> None:
@@ -205,6 +281,69 @@ class RunConfigCallback(SaveConfigCallback):
             del self.parser.save
 
 
+@dataclass(frozen=True)
+class CheckpointChoice:
+    """What ``--ckpt_path`` named, resolved: the file to load (None: none) with its ``remedi``
+    metadata, and why a ``fit`` without one starts anew (``note``)."""
+
+    path: str | None = None
+    meta: dict[str, Any] | None = None
+    note: str = ""
+
+
+class RunDirectory(Callback):
+    """The run directory's policy during a run: one line on stdout as each subcommand starts and
+    ends, saying where the run directory is and what it holds, and ``metrics.json`` after
+    ``test``."""
+
+    STARTS: ClassVar[dict[str, str]] = {
+        "validate": "validating",
+        "test": "testing",
+        "predict": "predicting with",
+    }
+
+    def __init__(self, root: Path, checkpoint: CheckpointChoice) -> None:
+        self.root = root
+        self.checkpoint = checkpoint
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Say what this subcommand starts from."""
+        path = self.checkpoint.path
+        if stage == "fit":
+            self.say(trainer, f"resuming {path}" if path else self.checkpoint.note or "new run")
+        elif stage in self.STARTS:
+            self.say(trainer, f"{self.STARTS[stage]} {path or 'a new editor'}")
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Say which checkpoints the run left."""
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "")
+        self.say(trainer, f"last.ckpt, best {Path(best).name}" if best else "last.ckpt")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Write the test metrics (without their ``test/`` prefix) to ``metrics.json``."""
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)  # every rank: a collective
+        if not trainer.is_global_zero:
+            return
+        metrics = {
+            key.removeprefix("test/"): float(value)
+            for key, value in trainer.callback_metrics.items()
+            if key.startswith("test/")
+        }
+        write_json(run_dir / "metrics.json", dict(sorted(metrics.items())))
+        self.say(trainer, "metrics.json")
+
+    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Say where the predictions went."""
+        output = getattr(getattr(trainer, "datamodule", None), "predict_output", None)
+        self.say(trainer, f"predictions: {output or self.root / 'predictions.jsonl'}")
+
+    def say(self, trainer: L.Trainer, what: str) -> None:
+        """Print ``run directory: ROOT (WHAT; TensorBoard: ...)`` once (global rank zero)."""
+        if trainer.is_global_zero:
+            board = f"tensorboard --logdir {shlex.quote(str(self.root))}"
+            print(f"run directory: {self.root} ({what}; TensorBoard: {board})", flush=True)
+
+
 class LogProgressBar(TQDMProgressBar):
     """tqdm progress for output that is not a terminal: a training line every 30 s at most."""
 
@@ -212,241 +351,196 @@ class LogProgressBar(TQDMProgressBar):
         super().__init__(refresh_rate=1)
 
     def init_train_tqdm(self) -> Any:
+        """Lightning's training bar, drawn at most every 30 s."""
         bar = super().init_train_tqdm()
         bar.mininterval = 30.0  # seconds between lines in a log
         return bar
 
 
-def _is_bar(callback: object) -> bool:
-    from lightning.pytorch.callbacks import ProgressBar
+def run_callbacks_and_plugins(trainer: Any, run_directory: RunDirectory) -> dict[str, list[Any]]:
+    """The Trainer's ``callbacks`` and ``plugins``: those ``trainer`` (the configured Trainer
+    arguments) gives, plus ``run_directory``, tqdm lines when the output is not a terminal
+    (Lightning's rich bar draws only its last frame into a file or pipe, so a redirected fit
+    would say nothing for its whole length) unless a bar is given or turned off, and
+    :class:`AtomicCheckpointIO` unless a ``CheckpointIO`` is given."""
+    callbacks = [*_as_list(trainer.get("callbacks")), run_directory]
+    bar_wanted = trainer.get("enable_progress_bar", True) is not False
+    has_bar = any(isinstance(c, ProgressBar) for c in callbacks)
+    if not sys.stdout.isatty() and bar_wanted and not has_bar:
+        callbacks.append(LogProgressBar())
+    plugins = _as_list(trainer.get("plugins"))
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return {"callbacks": callbacks, "plugins": plugins}
 
-    return isinstance(callback, ProgressBar)
+
+def _as_list(value: Any) -> list[Any]:
+    """``value`` as a list (None: empty; one item: a list of it)."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
 
 
-class RemediCLI(LightningCLI):
-    """LightningCLI with REMEDI's run directory, checkpoint handling, defaults and one-line
-    errors (see the module docstring)."""
+# -- --ckpt_path ----------------------------------------------------------------------------------
+def parse_with_checkpoint(
+    parser: LightningArgumentParser, args: Any, config: Namespace, subcommand: str
+) -> tuple[Namespace, CheckpointChoice]:
+    """``config`` (``args`` parsed) parsed again with the module arguments of the checkpoint
+    ``--ckpt_path`` names as defaults: what the config and command line leave unset comes from
+    the checkpoint, and a given value the checkpoint cannot take is refused in one line. The
+    returned config's ``ckpt_path`` is None; the resolved file is in the :class:`CheckpointChoice`.
+    """
+    choice = resolve_ckpt_path(subcommand, config[subcommand])
+    if choice.path is None:
+        config[subcommand].ckpt_path = None
+        return config, choice
+    path = choice.path
+    checkpoint = read_ckpt_path(path)
+    saved_class, defaults = checkpoint_defaults(path, checkpoint, config[subcommand].model)
+    model = {"class_path": str(config[subcommand].model.class_path), "init_args": defaults}
+    parser.set_defaults({f"{subcommand}.model": model})
+    config = parser.parse_args(args)
+    given = config[subcommand].model.init_args
+    check_checkpoint_arguments(saved_class, defaults, given, path, resume=subcommand == "fit")
+    problem = checkpoints.meta_problem(checkpoint["remedi"], {"model": given.get("model")})
+    if problem:  # a checkpoint without hyperparameters: its remedi entry says, before loading
+        raise UsageError(f"--ckpt_path {path}: {problem}")
+    config[subcommand].ckpt_path = None
+    return config, CheckpointChoice(path, dict(checkpoint["remedi"]))
 
-    run_dir: Path
-    _args: list[str] | None = None
-    _checkpoint: tuple[str, dict[str, Any]] | None = None
-    _resume_note = ""
 
-    # -- parser ---------------------------------------------------------------------------------
-    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
-        kwargs.setdefault("formatter_class", TrainHelpFormatter)
-        return super().init_parser(**kwargs)
+def resolve_ckpt_path(subcommand: str, config: Namespace) -> CheckpointChoice:
+    """The file ``--ckpt_path`` names (``last`` and ``best`` in the run directory); none when
+    there is none to read (no ``--ckpt_path``; ``fit --ckpt_path last`` of a new run)."""
+    given = config.get("ckpt_path")
+    if not given:
+        return CheckpointChoice()
+    root = Path(config.trainer.get("default_root_dir") or DEFAULT_ROOT)
+    best = sorted(root.glob("best*.ckpt"), key=lambda p: p.stat().st_mtime)
+    if given == "last":
+        if (root / "last.ckpt").is_file():
+            return CheckpointChoice(str(root / "last.ckpt"))
+        if subcommand == "fit" and best:  # killed while writing its first last.ckpt
+            return CheckpointChoice(str(best[-1]))
+        if subcommand == "fit":
+            return CheckpointChoice(note=f"new run: no {root / 'last.ckpt'} to resume yet")
+        raise UsageError(f"--ckpt_path last: there is no {root / 'last.ckpt'} (run fit first)")
+    if given == "best":
+        if not best:
+            raise UsageError(f"--ckpt_path best: there is no {root}/best*.ckpt (run fit first)")
+        return CheckpointChoice(str(best[-1]))
+    if not Path(given).is_file():
+        raise UsageError(f"--ckpt_path {given}: no such file")
+    return CheckpointChoice(str(given))
 
-    def _add_subcommands(self, parser: LightningArgumentParser, **kwargs: Any) -> None:
-        """Lightning's subcommands, described by what they do here (Lightning takes the first
-        lines of the Trainer methods' docstrings and cuts them mid-sentence)."""
-        self._subcommand_parsers: dict[str, LightningArgumentParser] = {}
-        actions = parser.add_subcommands()
-        for name in self.subcommands():
-            options = {"description": SUBCOMMANDS[name], **kwargs.get(name, {})}
-            subparser = self._prepare_subcommand_parser(self.trainer_class, name, **options)  # type: ignore[arg-type]
-            self._subcommand_parsers[name] = subparser
-            actions.add_subcommand(name, subparser, help=SUBCOMMANDS[name])
 
-    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.set_defaults({"model": {"class_path": f"lightning_modules.{RemediModule.__name__}"}})
-        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
-        parser.set_defaults(
-            {
-                "checkpoint.monitor": "val/loss",
-                "checkpoint.mode": "min",
-                "checkpoint.save_last": True,
-                "checkpoint.save_top_k": 1,
-                "checkpoint.filename": "best-epoch{epoch:02d}-step{step}",
-                "checkpoint.auto_insert_metric_name": False,
-            }
+def read_ckpt_path(path: str) -> dict[str, Any]:
+    """The checkpoint at ``path`` (:func:`remedi.checkpoints.read`); a one-line
+    :class:`UsageError` naming ``--ckpt_path`` when it cannot be read or is not remedi's."""
+    try:
+        return checkpoints.read(path)
+    except checkpoints.CheckpointError as err:
+        raise ckpt_path_error(path, err) from err
+
+
+def ckpt_path_error(path: str, err: checkpoints.CheckpointError) -> UsageError:
+    """``err`` (``checkpoint [PATH]: problem``) as ``--ckpt_path PATH: problem``."""
+    problem = str(err).removeprefix(f"checkpoint {Path(path)}: ").removeprefix("checkpoint: ")
+    return UsageError(f"--ckpt_path {path}: {problem}")
+
+
+def checkpoint_defaults(
+    path: str, checkpoint: dict[str, Any], model: Namespace
+) -> tuple[type[LearnedEditorModule], dict[str, Any]]:
+    """The module class that wrote ``checkpoint`` and its saved ``__init__`` arguments; a
+    one-line refusal when ``model`` (the configured ``--model``) is another class."""
+    saved = dict(checkpoint.get("hyper_parameters") or {})
+    saved.pop("_instantiator", None)
+    saved_class = _checkpoint_class(path, saved.pop("_class_path", None), checkpoint)
+    given_path = str(model.class_path)
+    if _import(given_path, "--model") is not saved_class:
+        raise UsageError(
+            f"--model {given_path}: checkpoint {path} holds a {saved_class.method!r} editor "
+            f"({saved_class.__name__}); give the config it was trained with"
         )
-        parser.link_arguments("trainer.default_root_dir", "checkpoint.dirpath")
-        parser.add_lightning_class_args(EarlyStopping, "early_stopping")
-        parser.set_defaults(
-            {
-                "early_stopping.monitor": "val/loss",
-                "early_stopping.patience": 2,
-                "early_stopping.strict": False,
-            }
-        )
+    accepted = set(init_arguments(saved_class))
+    return saved_class, {k: v for k, v in saved.items() if k in accepted}
 
-    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        """Parse ``args`` (kept: ``--ckpt_path`` parses them again over the checkpoint's)."""
-        self._args = args
-        self.config = parser.parse_args(args)
 
-    # -- checkpoint -----------------------------------------------------------------------------
-    def _parse_ckpt_path(self) -> None:
-        """Replaces Lightning's, which loads the checkpoint's module arguments over everything
-        the config and command line gave: here they only fill what those leave unset, and a
-        given value the checkpoint cannot take is refused (one line)."""
-        subcommand = self.config.get("subcommand")
-        if not subcommand:
-            return
-        config = self.config[subcommand]
-        path = self._checkpoint_file(subcommand, config)
-        if path is None:
-            return
-        checkpoint = read_checkpoint(path)
-        saved = dict(checkpoint.get("hyper_parameters") or {})
-        saved.pop("_instantiator", None)
-        saved_class = _checkpoint_class(path, saved.pop("_class_path", None), checkpoint)
-        given_path = str(config.model.class_path)
-        if _import(given_path, "--model") is not saved_class:
-            raise UsageError(
-                f"--model {given_path}: checkpoint {path} holds a {saved_class.method!r} editor "
-                f"({saved_class.__name__}); give the config it was trained with"
+def check_checkpoint_arguments(
+    cls: type[LearnedEditorModule],
+    saved: dict[str, Any],
+    given: Namespace,
+    path: str,
+    resume: bool,
+) -> None:
+    """Refuse, in one line, a given module argument that differs from the checkpoint's when the
+    checkpoint fixes it, or when ``fit`` resumes and the optimizer state would replace it."""
+    rules = [(cls.checkpoint_fixed, "a trained editor's {} cannot change")]
+    if resume:
+        rules.append(
+            (
+                cls.checkpoint_restored,
+                "resuming restores {} with the optimizer state; start a new run to change them",
             )
-        accepted = set(init_arguments(saved_class))
-        defaults = {k: v for k, v in saved.items() if k in accepted}
-        self._subcommand_parsers[subcommand].set_defaults(
-            {"model": {"class_path": given_path, "init_args": defaults}}
         )
-        self.config = self.parser.parse_args(self._args)
-        self.config[subcommand].ckpt_path = path
-        given = self.config[subcommand].model.init_args
-        check_checkpoint_arguments(saved_class, defaults, given, path, resume=subcommand == "fit")
-        problem = checkpoint_meta_problem(checkpoint["remedi"], model=given.get("model"))
-        if problem:  # a checkpoint without hyperparameters: its remedi entry says, before loading
-            raise UsageError(f"--ckpt_path {path}: {problem}")
-        self._checkpoint = (path, {"remedi": checkpoint.get("remedi")})
-
-    def _checkpoint_file(self, subcommand: str, config: Namespace) -> str | None:
-        """The file ``--ckpt_path`` names (``last`` and ``best`` in the run directory), None when
-        there is none to read (no ``--ckpt_path``; ``fit --ckpt_path last`` of a new run)."""
-        given = config.get("ckpt_path")
-        if not given:
-            return None
-        root = Path(config.trainer.get("default_root_dir") or DEFAULT_ROOT)
-        if given == "last":
-            if (root / "last.ckpt").is_file():
-                return str(root / "last.ckpt")
-            best = sorted(root.glob("best*.ckpt"), key=lambda p: p.stat().st_mtime)
-            if subcommand == "fit" and best:  # killed while writing its first last.ckpt
-                return str(best[-1])
-            if subcommand == "fit":
-                config.ckpt_path = None
-                self._resume_note = f"new run: no {root / 'last.ckpt'} to resume yet"
-                return None
-            raise UsageError(f"--ckpt_path last: there is no {root / 'last.ckpt'} (run fit first)")
-        if given == "best":
-            best = sorted(root.glob("best*.ckpt"), key=lambda p: p.stat().st_mtime)
-            if not best:
-                raise UsageError(f"--ckpt_path best: there is no {root}/best*.ckpt (run fit first)")
-            return str(best[-1])
-        if not Path(given).is_file():
-            raise UsageError(f"--ckpt_path {given}: no such file")
-        return str(given)
-
-    # -- checks before anything is built ----------------------------------------------------
-    def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        root = config.trainer.get("default_root_dir") or DEFAULT_ROOT
-        self.run_dir = Path(root)
-        logger = config.trainer.get("logger")
-        if (
-            isinstance(logger, Namespace)
-            and str(logger.get("class_path", "")).endswith("TensorBoardLogger")
-            and logger.init_args.get("save_dir") == FOLLOW_ROOT
-        ):
-            logger.init_args.save_dir = root
-        if self.subcommand and self.subcommand != "fit":
-            self.save_config_kwargs["config_filename"] = f"config-{self.subcommand}.yaml"
-        check_output_dir(self.run_dir, "--trainer.default_root_dir")
-        if self.subcommand == "fit" and not config.get("ckpt_path"):
-            check_new_run(self.run_dir)
-        check_trainer(config.trainer)
-        check_data(config.data, self.subcommand)
-        check_model(config.model)
-
-    def instantiate_classes(self) -> None:
-        try:
-            super().instantiate_classes()
-        except UsageError:
-            raise
-        except (ValueError, OSError, MisconfigurationException) as err:
-            raise UsageError(parse_error_line(str(err), self.parser)) from err
-
-    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        trainer = self._get(self.config_init, "trainer", default={})
-        given = trainer.get("callbacks") or []
-        given = given if isinstance(given, list) else [given]
-        bar_wanted = trainer.get("enable_progress_bar", True) is not False
-        if not sys.stdout.isatty() and bar_wanted and not any(_is_bar(c) for c in given):
-            # Lightning's default rich bar draws only its last frame into a file or pipe, so a
-            # redirected fit would say nothing for its whole length: log with tqdm lines instead.
-            kwargs["callbacks"] = [*given, LogProgressBar()]
-        plugins = trainer.get("plugins") or []
-        plugins = plugins if isinstance(plugins, list) else [plugins]
-        if not any(isinstance(p, CheckpointIO) for p in plugins):
-            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
-        try:
-            return super().instantiate_trainer(**kwargs)
-        except (TypeError, ValueError, MisconfigurationException) as err:
-            raise UsageError(f"--trainer: {one_line(err)}") from err
-
-    def after_instantiate_classes(self) -> None:
-        if self._checkpoint is None or not isinstance(self.model, LearnedEditorModule):
-            return
-        path, saved = self._checkpoint
-        try:
-            check_checkpoint_meta(saved, self.model.checkpoint_meta())
-        except ValueError as err:
-            detail = str(err).removeprefix("checkpoint: ")
-            raise UsageError(f"--ckpt_path {path}: {detail}") from err
-
-    # -- what a run says and writes ---------------------------------------------------------
-    def before_fit(self) -> None:
-        ckpt = self.config.fit.get("ckpt_path")
-        self._say_run_dir(f"resuming {ckpt}" if ckpt else self._resume_note or "new run")
-
-    def after_fit(self) -> None:
-        callback = self.trainer.checkpoint_callback
-        best = getattr(callback, "best_model_path", "")
-        self._say_run_dir(f"last.ckpt, best {Path(best).name}" if best else "last.ckpt")
-
-    def before_validate(self) -> None:
-        self._say_run_dir(f"validating {self.config.validate.get('ckpt_path') or 'a new editor'}")
-
-    def before_test(self) -> None:
-        self._say_run_dir(f"testing {self.config.test.get('ckpt_path') or 'a new editor'}")
-
-    def before_predict(self) -> None:
-        ckpt = self.config.predict.get("ckpt_path") or "a new editor"
-        self._say_run_dir(f"predicting with {ckpt}")
-
-    def after_test(self) -> None:
-        run_dir = Path(
-            self.trainer.log_dir or self.trainer.default_root_dir
-        )  # every rank: a collective
-        if not self.trainer.is_global_zero:
-            return
-        metrics = {
-            key.removeprefix("test/"): float(value)
-            for key, value in self.trainer.callback_metrics.items()
-            if key.startswith("test/")
-        }
-        write_json(run_dir / "metrics.json", dict(sorted(metrics.items())))
-        self._say_run_dir("metrics.json")
-
-    def after_predict(self) -> None:
-        output = getattr(self.datamodule, "predict_output", None)
-        self._say_run_dir(f"predictions: {output or self.run_dir / 'predictions.jsonl'}")
-
-    def _say_run_dir(self, what: str) -> None:
-        root = str(self.run_dir)
-        board = f"tensorboard --logdir {shlex.quote(root)}"
-        _say(f"run directory: {root} ({what}; TensorBoard: {board})", self.trainer)
+    for names, why in rules:
+        for name in names:
+            if name in saved and saved[name] != given.get(name):
+                raise UsageError(
+                    f"--model.{name} {given.get(name)!r}: checkpoint {path} was trained with "
+                    f"{name} {saved[name]!r} ({why.format(', '.join(names))})"
+                )
 
 
-def _say(line: str, trainer: L.Trainer) -> None:
-    """Print ``line`` on stdout, once (global rank zero)."""
-    if trainer.is_global_zero:
-        print(line, flush=True)
+def check_checkpoint_fits(choice: CheckpointChoice, module: LearnedEditorModule) -> None:
+    """Refuse, in one line, a checkpoint trained for another method, model, layer set or width
+    than ``module`` (built from the config) has."""
+    try:
+        checkpoints.check_meta({"remedi": choice.meta}, module.checkpoint_meta())
+    except checkpoints.CheckpointError as err:
+        raise ckpt_path_error(str(choice.path), err) from err
 
 
-# -- checks ---------------------------------------------------------------------------------------
+def _checkpoint_class(
+    path: str, class_path: str | None, checkpoint: dict[str, Any]
+) -> type[LearnedEditorModule]:
+    """The module class that wrote ``checkpoint``: its saved class path, else its method."""
+    if class_path:
+        return _import(class_path, f"--ckpt_path {path}")
+    method = str((checkpoint.get("remedi") or {}).get("method", "remedi"))
+    if method not in LEARNED_METHODS:
+        raise UsageError(f"--ckpt_path {path}: written for an unknown method {method!r}")
+    return LEARNED_METHODS[method]
+
+
+# -- before anything is built ---------------------------------------------------------------------
+def settle_run_dir(config: Namespace) -> Path:
+    """The run directory (``trainer.default_root_dir``), which the default logger's
+    ``save_dir`` is set to follow."""
+    root = config.trainer.get("default_root_dir") or DEFAULT_ROOT
+    logger = config.trainer.get("logger")
+    if (
+        isinstance(logger, Namespace)
+        and str(logger.get("class_path", "")).endswith("TensorBoardLogger")
+        and logger.init_args.get("save_dir") == FOLLOW_ROOT
+    ):
+        logger.init_args.save_dir = root
+    return Path(root)
+
+
+def check_run(config: Namespace, subcommand: str | None, run_dir: Path) -> None:
+    """Refuse, before the model loads where possible, a run that would fail later: an unusable
+    run directory, a new run where another's checkpoints are, an accelerator this machine does
+    not have, missing or malformed data, an unknown model or dtype, layers out of range."""
+    check_output_dir(run_dir, "--trainer.default_root_dir")
+    if subcommand == "fit" and not config.get("ckpt_path"):
+        check_new_run(run_dir)
+    check_trainer(config.trainer)
+    check_data(config.data, subcommand)
+    check_model(config.model)
+
+
 def check_new_run(run_dir: Path) -> None:
     """Refuse to start a run in a directory that holds another run's checkpoints (one run,
     one directory: its TensorBoard curves and ``last.ckpt`` would mix with the new run's)."""
@@ -526,60 +620,69 @@ def check_model(model: Namespace) -> None:
     check_layers(lm.arch.num_layers, layers, spec, allow_negative=True)
 
 
-def read_checkpoint(path: str) -> dict[str, Any]:
-    """The checkpoint at ``path`` (weights only), or a one-line :class:`UsageError` when it
-    cannot be read or is not a remedi checkpoint."""
-    if not zipfile.is_zipfile(path):
-        raise UsageError(
-            f"--ckpt_path {path}: not a checkpoint (not a zip archive: truncated, or another file)"
-        )
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:
-        raise UsageError(
-            f"--ckpt_path {path}: cannot be read as a checkpoint ({one_line(err)})"
-        ) from err
-    if not isinstance(checkpoint, dict) or "remedi" not in checkpoint:
-        raise UsageError(f"--ckpt_path {path}: not a remedi checkpoint (no 'remedi' entry)")
-    return checkpoint
+# -- the command ----------------------------------------------------------------------------------
+class RemediCLI(LightningCLI):
+    """LightningCLI with REMEDI's defaults, ``--ckpt_path`` handling, run directory and one-line
+    errors (see the module docstring), through LightningCLI's public hooks only."""
 
+    run_dir: Path
+    """The run directory, ``trainer.default_root_dir``."""
+    checkpoint = CheckpointChoice()
+    """What ``--ckpt_path`` named, resolved and read."""
 
-def check_checkpoint_arguments(
-    cls: type[LearnedEditorModule],
-    saved: dict[str, Any],
-    given: Namespace,
-    path: str,
-    resume: bool,
-) -> None:
-    """Refuse, in one line, a given module argument that differs from the checkpoint's when the
-    checkpoint fixes it, or when ``fit`` resumes and the optimizer state would replace it."""
-    rules = [(cls.checkpoint_fixed, "a trained editor's {} cannot change")]
-    if resume:
-        rules.append(
-            (
-                cls.checkpoint_restored,
-                "resuming restores {} with the optimizer state; start a new run to change them",
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        """Lightning's parser, whose help keeps the description's line breaks."""
+        kwargs.setdefault("formatter_class", TrainHelpFormatter)
+        return super().init_parser(**kwargs)
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """REMEDI's default module and the run's checkpoint and early-stopping callbacks."""
+        add_run_arguments(parser)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse ``args``; with ``--ckpt_path``, over the checkpoint's module arguments
+        (:func:`parse_with_checkpoint`). Lightning reads the config's ``ckpt_path`` next and
+        would load the checkpoint's arguments over the given ones, so the resolved file is kept
+        in :attr:`checkpoint` and put back by :meth:`before_instantiate_classes`."""
+        self.config = parser.parse_args(args)
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            self.config, self.checkpoint = parse_with_checkpoint(
+                parser, args, self.config, subcommand
             )
-        )
-    for names, why in rules:
-        for name in names:
-            if name in saved and saved[name] != given.get(name):
-                raise UsageError(
-                    f"--model.{name} {given.get(name)!r}: checkpoint {path} was trained with "
-                    f"{name} {saved[name]!r} ({why.format(', '.join(names))})"
-                )
 
+    def before_instantiate_classes(self) -> None:
+        """Settle the run directory and refuse what would fail later, before the model loads."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand:
+            config.ckpt_path = self.checkpoint.path
+        self.run_dir = settle_run_dir(config)
+        check_run(config, self.subcommand, self.run_dir)
 
-def _checkpoint_class(
-    path: str, class_path: str | None, checkpoint: dict[str, Any]
-) -> type[LearnedEditorModule]:
-    """The module class that wrote ``checkpoint``: its saved class path, else its method."""
-    if class_path:
-        return _import(class_path, f"--ckpt_path {path}")
-    method = str((checkpoint.get("remedi") or {}).get("method", "remedi"))
-    if method not in LEARNED_METHODS:
-        raise UsageError(f"--ckpt_path {path}: written for an unknown method {method!r}")
-    return LEARNED_METHODS[method]
+    def instantiate_classes(self) -> None:
+        """Lightning's, with a class that refuses its arguments reported in one line."""
+        try:
+            super().instantiate_classes()
+        except UsageError:
+            raise
+        except (ValueError, OSError, MisconfigurationException) as err:
+            raise UsageError(parse_error_line(str(err), self.parser)) from err
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """Lightning's Trainer with the run's callbacks and checkpoint plugin
+        (:func:`run_callbacks_and_plugins`); a Trainer argument it refuses is one line."""
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        run_directory = RunDirectory(self.run_dir, self.checkpoint)
+        added = run_callbacks_and_plugins(config.get("trainer") or {}, run_directory)
+        try:
+            return super().instantiate_trainer(**{**added, **kwargs})
+        except (TypeError, ValueError, MisconfigurationException) as err:
+            raise UsageError(f"--trainer: {one_line(err)}") from err
+
+    def after_instantiate_classes(self) -> None:
+        """Refuse a ``--ckpt_path`` checkpoint that does not fit the module just built."""
+        if self.checkpoint.path is not None and isinstance(self.model, LearnedEditorModule):
+            check_checkpoint_fits(self.checkpoint, self.model)
 
 
 # -- messages -------------------------------------------------------------------------------------

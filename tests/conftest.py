@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
@@ -269,3 +270,47 @@ def forbid_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("the model must not be loaded")
 
     monkeypatch.setattr("remedi.models.load_model", no_load)
+
+
+def score_method(
+    lm: Any,
+    method: str,
+    cases: Any,
+    layer: int | None = None,
+    hparams: Any = None,
+    progress: bool = False,
+    editor: Any = None,
+    pool: Any = None,
+    batch_size: int = 32,
+) -> Any:
+    """Score a registered ``method`` through :func:`remedi.evaluation.runner.run_method` (what
+    ``remedi.evaluate`` runs) with identity statistics; ``layer`` and ``hparams`` set its
+    settings, ``editor`` (a per-case function returning an edit handle) replaces its edit."""
+    import dataclasses
+
+    from remedi import registry
+    from remedi.evaluation.runner import run_method
+
+    if editor is not None:
+
+        class PerCase(registry.Method):
+            name = method
+
+            def edit(self, lm: Any, requests: Any) -> Any:
+                cases = registry.as_cases(requests)
+                return registry.weight_edit(lm, cases, registry.sequential_handles(cases, editor))
+
+        chosen: Any = PerCase()
+    else:
+        chosen = registry.editor(method)
+        if hparams is not None:
+            chosen.settings = hparams
+        if layer is not None:
+            chosen.settings = dataclasses.replace(chosen.settings, layer=layer)
+    chosen.environment = registry.Environment(
+        statistics=registry.Statistics(enabled=False),
+        pool=pool or (),
+        batch_size=batch_size,
+        progress=progress,
+    )
+    return run_method(lm, chosen, cases)

@@ -8,14 +8,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import score_method, tiny_model
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_datamodules import write_rome
 
 from datamodules import CounterFactDataModule
 from lightning_modules import RemediModule, register_model
 from lightning_modules.callbacks import CausalTraceCallback, EditorBaseline
-from remedi.methods.registry import score_method
 from remedi.metrics import summarize
 
 

@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import COUNTERFACT_RECORDS as RECORDS
-from conftest import forbid_model_load, tiny_model
+from conftest import forbid_model_load, score_method, tiny_model
 
 from remedi import evaluate
 from remedi.cli import UsageError
 from remedi.data import load_builtin, load_cases, parse_records
-from remedi.methods import figures, registry
+from remedi.methods import figures
+from remedi.methods import prefix as registry
+from remedi.methods.unedited import Unedited
 
 
 @pytest.fixture
@@ -79,7 +81,9 @@ def test_model_is_restored_bitwise_after_every_method(method: str, setup: dict[s
     )
     args.ft_steps = 2
     cases = load_cases(setup["data"])
-    rows, records = evaluate.evaluate(lm, [method], cases, args)
+    rows, records = evaluate.evaluate(
+        lm, evaluate.build_methods(args), cases, evaluate.options(args)
+    )
     assert rows[0]["n_cases"] == 2 and len(records) == 2
     assert all(torch.equal(p, before[n]) for n, p in lm.model.named_parameters())
 
@@ -132,8 +136,8 @@ def test_unedited_scoring_in_groups_matches_one_call(
 
     lm = tiny_model("llama")
     cases = parse_records(RECORDS * 3)[0]
-    monkeypatch.setattr(registry, "SCORE_GROUP", 4)
-    grouped = registry.score_method(lm, "none", cases).per_case
+    monkeypatch.setattr(Unedited, "group_size", 4)
+    grouped = score_method(lm, "none", cases, progress=True).per_case
     assert grouped == evaluate_cases(lm.model, lm.tokenizer, cases)[1]
     assert "evaluate none" in capsys.readouterr().err
     known = evaluate.known_cases(lm, cases, batch_size=4)
@@ -211,7 +215,7 @@ def test_help_documents_inputs_outputs_and_defaults(capsys: pytest.CaptureFixtur
     for name in ("summary.json", "summary.md", "cases.jsonl", "chart.png"):
         assert name in text
     assert "(default: gemma3-270m)" in text and "(default: 32)" in text
-    assert "(default: 0.0005)" in text
+    assert "None: 5e-4" in text
 
 
 @pytest.mark.parametrize(

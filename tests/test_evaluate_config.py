@@ -11,7 +11,9 @@ import yaml
 from conftest import COUNTERFACT_RECORDS as RECORDS
 from conftest import tiny_model
 
-from remedi import evaluate, evaluate_config
+from remedi import evaluate
+from remedi.evaluation import compare
+from remedi.evaluation import config as evaluate_config
 from remedi.methods.finetune import FinetuneHyperParams
 from remedi.methods.memit import MemitHyperParams
 from remedi.methods.rome import RomeHyperParams
@@ -76,13 +78,14 @@ def test_rome_and_ft_overrides_reach_the_method(
         "rome: {steps: 2, n_context: 1}\nmemit: {steps: 2, n_context: 0}\nft: {steps: 2}\n"
     )
     seen: dict[str, Any] = {}
-    score = evaluate.score_method
+    run = compare.run_method
 
-    def spy(lm: Any, method: str, cases: Any, **kwargs: Any) -> Any:
-        seen[method] = kwargs
-        return score(lm, method, cases, **kwargs)
+    def spy(lm: Any, method: Any, cases: Any, *rest: Any) -> Any:
+        resolved = method.resolve(lm)
+        seen[method.name] = {"hparams": resolved, "layer": getattr(resolved, "layer", None)}
+        return run(lm, method, cases, *rest)
 
-    monkeypatch.setattr(evaluate, "score_method", spy)
+    monkeypatch.setattr(compare, "run_method", spy)
     extra = [
         "--rome.clamp",
         "2.5",

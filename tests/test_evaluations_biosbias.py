@@ -1,4 +1,4 @@
-"""Bias in Bios generation (remedi.evaluations.biosbias) on a tiny pickle written here."""
+"""Bias in Bios generation (remedi.evaluation.biosbias) on a tiny pickle written here."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 
 from datamodules import BiasInBiosDataModule
 from remedi import evaluate
-from remedi.evaluations import biosbias
+from remedi.evaluation import biosbias
 
 
 @pytest.fixture(scope="module")

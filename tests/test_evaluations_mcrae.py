@@ -1,4 +1,4 @@
-"""McRae entailment (remedi.evaluations.mcrae): samples, correlations, methods and the command."""
+"""McRae entailment (remedi.evaluation.mcrae): samples, correlations, methods and the command."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from evaluations_fixtures import MCRAE_ROWS, trained_setup
 from datamodules import McRaeDataModule
 from datamodules.attribute_data import co_probabilities
 from remedi import evaluate
-from remedi.evaluations import mcrae
+from remedi.evaluation import mcrae
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +94,7 @@ def test_mcrae_command_scores_every_method_before_and_after(trained: dict[str, P
 def test_mcrae_command_leaves_the_earlier_table_whole_when_writing_fails(
     trained: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from remedi.evaluations import tasks
+    from remedi.evaluation import outputs
 
     out = trained["model"].parent / "out-mcrae-fail"
     args = ["--task", "mcrae", "--model", str(trained["model"]), "--data", str(trained["mcrae"])]
@@ -105,7 +105,7 @@ def test_mcrae_command_leaves_the_earlier_table_whole_when_writing_fails(
     def broken(*_: object) -> str:
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(tasks, "markdown_table", broken)
+    monkeypatch.setattr(outputs, "markdown_table", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         evaluate.main([*args[:-2], "--method", "prefix"])
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

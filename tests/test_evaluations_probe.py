@@ -1,4 +1,4 @@
-"""REMEDI as a probe (remedi.evaluations.probe): scores, labels, controls and the command."""
+"""REMEDI as a probe (remedi.evaluation.probe): scores, labels, controls and the command."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from evaluations_fixtures import trained_setup
 from remedi import evaluate
 from remedi.data import parse_records
 from remedi.editors import IdentityEditor
-from remedi.evaluations import probe
+from remedi.evaluation import probe
 from remedi.tokens import encode_prompts
 
 

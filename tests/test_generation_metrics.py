@@ -17,6 +17,7 @@ from remedi import evaluate
 from remedi.data import EditCase, load_cases
 from remedi.editors.apply import apply_direction, apply_editor
 from remedi.editors.modules import AffineEditor
+from remedi.evaluation import compare
 from remedi.metrics import (
     GenerationEdit,
     generate_samples,
@@ -30,6 +31,7 @@ from remedi.metrics import (
     tfidf_cosine,
 )
 from remedi.metrics.generation import words
+from remedi.registry import Edited
 from remedi.tokens import PromptBatch, encode_prompts
 
 
@@ -223,7 +225,7 @@ def test_sampler_applies_a_remedi_direction_on_the_prompt_pass(tmp_path: Path) -
     argv = ["--method", "none", "--data", "x", "--output", str(tmp_path)]
     args = evaluate.build_parser().parse_args([*argv, "--generation-tokens", "24"])
     cases = load_cases_from(RECORDS, tmp_path)
-    runner = evaluate.Runner(lm, args)
+    options = evaluate.options(args)
     editor = AffineEditor(lm.arch.hidden_size)
     torch.nn.init.constant_(editor.linear.bias, 50.0)
 
@@ -234,12 +236,15 @@ def test_sampler_applies_a_remedi_direction_on_the_prompt_pass(tmp_path: Path) -
 
         return apply
 
-    runner.samples = [[] for _ in cases]
-    runner._sampler("none", cases)(range(len(cases)))
-    plain = runner.samples
-    runner.samples = [[] for _ in cases]
-    runner._sampler("remedi", cases)(range(len(cases)), edit_for)
-    assert [len(s) for s in runner.samples] == [2, 1] and runner.samples != plain
+    class Directed(Edited):
+        def generation(self, index: int) -> tuple[str, GenerationEdit | None]:
+            return "", edit_for(index)
+
+    plain: list[list[str]] = [[] for _ in cases]
+    compare._sampler(lm, "none", cases, options, plain)(range(len(cases)), Edited(lm, cases))
+    directed: list[list[str]] = [[] for _ in cases]
+    compare._sampler(lm, "remedi", cases, options, directed)(range(len(cases)), Directed(lm, cases))
+    assert [len(s) for s in directed] == [2, 1] and directed != plain
 
 
 def test_weight_edits_sample_under_the_edit_and_are_restored(tmp_path: Path) -> None:
@@ -249,11 +254,11 @@ def test_weight_edits_sample_under_the_edit_and_are_restored(tmp_path: Path) -> 
     args = evaluate.build_parser().parse_args([*argv, "--layer", "1", "--steps", "2"])
     args.generation, args.generation_tokens = True, 24
     cases = load_cases_from(RECORDS, tmp_path)
-    runner = evaluate.Runner(lm, args)
-    runner.run("rome", cases)
-    edited = runner.samples
-    runner.run("none", cases)
-    assert [len(s) for s in edited] == [2, 1] and edited != runner.samples
+    samples: dict[str, list[list[str]]] = {}
+    args.method = ["rome", "none"]
+    evaluate.evaluate(lm, evaluate.build_methods(args), cases, evaluate.options(args), samples)
+    edited = samples["rome"]
+    assert [len(s) for s in edited] == [2, 1] and edited != samples["none"]
     assert all(torch.equal(p, before[n]) for n, p in lm.model.named_parameters())
 
 

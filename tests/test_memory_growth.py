@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import score_method, tiny_model
 from test_restores import CASES, METHODS, editor_for
 
 from remedi.editors import build_editor, generate_edited, metrics_context
 from remedi.hooks import Site, StopForward, count_hooks, intervene
-from remedi.methods.registry import score_method
 from remedi.metrics import evaluate_cases
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import _llama_kwargs, _tokenizer
 from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
@@ -126,3 +127,35 @@ def test_readme_commands_run_as_written(workdir: Path) -> None:
     run = workdir / "checkpoints" / "quickstart"
     assert (run / "last.ckpt").is_file() and (run / "metrics.json").is_file()
     assert (workdir / "runs" / "eval" / "chart.png").is_file()
+
+
+def readme_python() -> list[str]:
+    """The README's ``python`` blocks (the Python API example)."""
+    return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+
+
+def test_readme_python_example_runs_as_written(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The Python API example runs as written after the MEND quickstart (the tiny model in
+    place of the default one): it prints a continuation and the
+    registered methods, and leaves the model bitwise as it was."""
+    import remedi
+    from remedi import registry, train
+    from remedi.models import load_model
+
+    tiny = str(workdir / "tiny")
+    mend = ["fit", "--config", "configs/mend/quickstart.yaml"]
+    assert train.main(_fast(["python", "-m", "remedi.train", *mend], tiny)) == 0
+    loaded = load_model(tiny)
+    before = {n: p.detach().clone() for n, p in loaded.model.named_parameters()}
+    monkeypatch.setattr(remedi, "load_model", lambda *_, **__: loaded)
+    blocks = readme_python()
+    assert len(blocks) == 1 and "remedi.compare(" in blocks[0]
+    namespace: dict[str, object] = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[-1] == str(registry.names())
+    rows = namespace["rows"]
+    assert [row["method"] for row in rows] == ["none", "rome", "mend"]  # type: ignore[attr-defined]
+    assert all(torch.equal(p, before[n]) for n, p in loaded.model.named_parameters())

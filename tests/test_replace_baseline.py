@@ -6,11 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import tiny_model
+from conftest import score_method, tiny_model
 
 from remedi import evaluate
 from remedi.data import EditCase
-from remedi.methods import registry
 from remedi.methods.replace import partners, replaced_cases
 
 
@@ -62,7 +61,7 @@ def test_without_relation_ids_the_template_decides() -> None:
 
 def test_score_method_skips_and_counts_cases_without_a_partner() -> None:
     lm = tiny_model("gpt2")
-    result = registry.score_method(lm, "replace", CASES, progress=False)
+    result = score_method(lm, "replace", CASES, progress=False)
     assert result.skipped == [3, 4] and result.per_case[4] == {}
     assert all("efficacy_score" in m for m in result.per_case[:3])
 

@@ -15,7 +15,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import score_method, tiny_model
 from test_datamodules import write_rome
 
 from datamodules import CounterFactDataModule
@@ -23,8 +23,9 @@ from lightning_modules import RemediModule, register_model
 from lightning_modules.callbacks import EditorBaseline
 from remedi.data import EditCase
 from remedi.editors import KeEditor, LayerUpdate, MendEditor
+from remedi.evaluation import runner as registry
 from remedi.hooks import count_hooks
-from remedi.methods import finetune, memit, registry, rome
+from remedi.methods import finetune, memit, rome
 from remedi.methods import knowledge_neurons as kn
 from remedi.methods.weights import EditHandle
 from remedi.models import LoadedModel
@@ -229,10 +230,10 @@ def _score(lm: LoadedModel, method: str, cases: list[EditCase]) -> registry.Meth
     """Score ``method`` through the shared registry (what ``remedi.evaluate`` runs)."""
     if method == "memit":
         hp = memit.MemitHyperParams(layers=(0, 1), n_context=1, steps=3)
-        return registry.score_method(lm, "memit", cases, hparams=hp, progress=False)
+        return score_method(lm, "memit", cases, hparams=hp, progress=False)
     name = "kn" if method == "kn-erase" else method
     edit = editor_for(lm, method)
-    return registry.score_method(lm, name, cases, progress=False, editor=edit)
+    return score_method(lm, name, cases, progress=False, editor=edit)
 
 
 @pytest.mark.parametrize("method", METHODS)

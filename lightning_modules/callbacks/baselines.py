@@ -15,6 +15,7 @@ weight they write before returning.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -123,40 +124,29 @@ class EditorBaseline(_StageCallback):
         name: str | None = None,
     ) -> None:
         super().__init__(limit, every_n_epochs, on_test)
-        from remedi.methods.registry import BASELINES
+        from remedi import registry
 
-        if method not in BASELINES:
-            raise ValueError(f"method {method!r} must be one of {', '.join(BASELINES)}")
+        untrained = [m for m in registry.names() if not registry.method_class(m).trained]
+        if method not in untrained:
+            raise ValueError(f"method {method!r} must be one of {', '.join(untrained)}")
         self.method = method
         self.layer = layer
         self.corpus = corpus
         self.stats_tokens = stats_tokens
         self.name = name or method
-        self._collected: dict[tuple[str, int], Any] = {}
+        self.statistics = registry.Statistics(corpus, stats_tokens, enabled=corpus is not None)
+        """Collected (or read from the disk cache) once per layer, then kept for the later
+        epochs (None corpus: identity statistics)."""
 
-    def _stats(self, lm: LoadedModel) -> tuple[int | None, Any]:
-        """The edited layer and the statistics the method needs (None when it needs none).
+    def editor(self) -> Any:
+        """The registered method with ``layer`` in its settings when it has one."""
+        from remedi import registry
 
-        Collected (or read from the disk cache) once per model and layer, then kept for the
-        later epochs: their inverses stay on the LM's device in the process-wide cache
-        (:func:`remedi.methods.second_moment.inverse`), so later runs edit at once."""
-        if self.method not in ("rome", "memit"):
-            return self.layer, None
-        from remedi.methods import memit, rome, second_moment
-
-        if self.method == "rome":
-            layer = self.layer if self.layer is not None else rome.default_layer(lm)
-            layers = [layer]
-        else:
-            layer, layers = None, memit.default_layers(lm)
-        if self.corpus is None:
-            return layer, None
-        wanted = [x for x in layers if (lm.spec, x) not in self._collected]
-        if wanted:
-            collected = second_moment.collect(lm, wanted, self.corpus, n_tokens=self.stats_tokens)
-            self._collected.update({(lm.spec, x): s for x, s in collected.items()})
-        stats = {x: self._collected[(lm.spec, x)] for x in layers}
-        return layer, (stats[layers[0]] if self.method == "rome" else stats)
+        method = registry.editor(self.method)
+        if self.layer is not None and hasattr(method.settings, "layer"):
+            method.settings = dataclasses.replace(method.settings, layer=self.layer)
+        method.environment = registry.Environment(statistics=self.statistics, progress=False)
+        return method
 
     def run(
         self,
@@ -166,10 +156,9 @@ class EditorBaseline(_StageCallback):
         cases: Sequence[EditCase],
         stage: Stage,
     ) -> None:
-        from remedi.methods.registry import score_method
+        from remedi.evaluation.runner import run_method
 
-        layer, stats = self._stats(lm)
-        result = score_method(lm, self.method, cases, layer=layer, stats=stats, progress=False)
+        result = run_method(lm, self.editor(), cases)
         for metric, value in summarize(result.per_case).items():
             pl_module.log(f"{self.name}/{metric}", value, rank_zero_only=True)
         if result.edit_seconds:

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import json
 from importlib import resources
+from pathlib import Path
 from typing import Literal
 
 from remedi.data.cases import EditCase
-from remedi.data.readers import parse_records
+from remedi.data.readers import load_cases, parse_records
 
 Split = Literal["train", "validation", "test", "famous-tune", "famous-test"]
 SPLITS: tuple[Split, ...] = ("train", "validation", "test")
@@ -35,3 +36,15 @@ def load_builtin(split: Split | None = None) -> list[EditCase]:
         text = resources.files("remedi.data").joinpath("builtin", file).read_text(encoding="utf-8")
         cases.extend(parse_records(json.loads(text), source=f"builtin/{file}")[0])
     return cases
+
+
+def load_spec(spec: str | Path) -> list[EditCase]:
+    """The cases ``spec`` names: ``builtin[:SPLIT]`` (the built-in facts; the test split when
+    no split is named) or a JSON/JSONL file in any layout :func:`~remedi.data.load_cases`
+    reads. A bad split or file raises a one-line ``ValueError`` or ``OSError``."""
+    name, _, split = str(spec).partition(":")
+    if name == "builtin":
+        if split and split not in ALL_SPLITS:
+            raise ValueError(f"{spec}: the built-in splits are {', '.join(ALL_SPLITS)}")
+        return load_builtin(split or "test")
+    return load_cases(spec)

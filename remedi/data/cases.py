@@ -52,6 +52,15 @@ class EditCase:
         return self.prompt.replace("{}", self.subject)
 
     @property
+    def edit_statement(self) -> str:
+        """The sentence that states the requested fact: ``rewrite_prompt + " " + target_new``
+        (REMEDI's context, the ``prefix`` baseline's prefix, KE's request text); the only place
+        it is built. Empty for a case that requests no edit."""
+        if self.target_new is None:
+            return ""
+        return f"{self.rewrite_prompt} {self.target_new.strip()}"
+
+    @property
     def subject_start(self) -> int:
         """Character offset of the subject in :attr:`rewrite_prompt`: where the template's
         ``{}`` is (not the subject's first occurrence, which may be earlier)."""
@@ -95,3 +104,19 @@ class EditCase:
                 f"{len(self.neighborhood_prompts)} neighborhood prompts",
             )
         return self
+
+
+@dataclass(frozen=True)
+class RemediExample:
+    """One training example: edit ``entity`` in ``prompt`` with the attribute ``context`` states.
+
+    ``context`` mentions the entity; the attribute is the context text after it.
+    ``target_unmediated`` is the entity's own (prior) answer, when there is one.
+    """
+
+    entity: str
+    context: str
+    prompt: str
+    target_mediated: str
+    target_unmediated: str | None = None
+    case_id: int | str = -1

@@ -65,7 +65,7 @@ class KeEditor(GradientEditor):
 
     def condition(self, lm: LoadedModel, cases: Sequence[EditCase]) -> torch.Tensor:
         """``[requests, 2 * hidden]``: the mean LSTM state over each request's tokens."""
-        texts = [f"{c.rewrite_prompt} {str(c.target_new).strip()}" for c in cases]
+        texts = [c.edit_statement for c in cases]
         rows = [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         lengths = torch.tensor([max(len(r), 1) for r in rows])
         ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)

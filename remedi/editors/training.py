@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from remedi.data import EditCase
+from remedi.data.cases import RemediExample
 from remedi.editors.apply import DirectionRecord, apply_editor
 from remedi.editors.modules import Editor
 from remedi.models import LoadedModel
@@ -32,28 +33,12 @@ TargetTokens = Literal["first", "all"]
 TrainPrompt = Literal["paraphrase", "rewrite"]
 
 
-@dataclass(frozen=True)
-class RemediExample:
-    """One training example: edit ``entity`` in ``prompt`` with the attribute ``context`` states.
-
-    ``context`` mentions the entity; the attribute is the context text after it.
-    ``target_unmediated`` is the entity's own (prior) answer, when there is one.
-    """
-
-    entity: str
-    context: str
-    prompt: str
-    target_mediated: str
-    target_unmediated: str | None = None
-    case_id: int | str = -1
-
-
 def examples_from_case(case: EditCase, prompt: TrainPrompt = "paraphrase") -> list[RemediExample]:
     """CounterFact case -> examples: context ``rewrite_prompt + " " + target_new``, one example per
     paraphrase prompt (the rewrite prompt when there are none, or with ``prompt="rewrite"``)."""
     if case.target_new is None:
         raise ValueError(f"case {case.case_id}: target_new is missing; REMEDI needs an attribute")
-    context = f"{case.rewrite_prompt} {case.target_new.strip()}"
+    context = case.edit_statement
     prompts = case.paraphrase_prompts if prompt == "paraphrase" else []
     return [
         RemediExample(

@@ -10,7 +10,8 @@ the edited one up are recomputed each step.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -19,6 +20,7 @@ from remedi.methods.requests import EditRequest, as_request
 from remedi.methods.rome import ForwardTail, default_layer
 from remedi.methods.weights import EditHandle, backup, param_name, restored_on_error
 from remedi.models import LoadedModel
+from remedi.registry import WeightMethod, register, sequential_handles
 from remedi.tokens import encode_continuations
 
 
@@ -84,3 +86,44 @@ def apply_edit(
             seconds=time.perf_counter() - start,
         )
     return handle
+
+
+FT_L_EPS = 5e-4
+"""FT-L's L-infinity bound when ``eps`` is not set (the ROME paper's setting)."""
+
+
+@register
+class Finetune(WeightMethod):
+    """FT: fine-tune one MLP output projection on each request in turn (bounded by ``eps``
+    only when it is given)."""
+
+    name = "ft"
+    order = 3
+    summary = "fine-tune one MLP output projection on the request"
+    Settings = FinetuneHyperParams
+    section = "ft"
+
+    def resolve(self, lm: LoadedModel) -> FinetuneHyperParams:
+        hp: FinetuneHyperParams = self.settings
+        layer = hp.layer if hp.layer is not None else default_layer(lm)
+        return replace(hp, layer=lm.arch.check_layer(layer), eps=self.bound(hp))
+
+    def bound(self, hp: FinetuneHyperParams) -> float | None:
+        """The L-infinity bound this method uses (FT: ``eps`` when given, else none)."""
+        return hp.eps
+
+    def write(self, lm: LoadedModel, cases: Sequence[EditCase]) -> list[EditHandle]:
+        hp = self.resolve(lm)
+        return sequential_handles(cases, lambda case: apply_edit(lm, case, hp))()
+
+
+@register
+class FinetuneBounded(Finetune):
+    """FT-L: fine-tuning whose change of each weight is bounded by ``eps`` (default 5e-4)."""
+
+    name = "ft-l"
+    order = 4
+    summary = "fine-tuning with an L-infinity bound on the change (eps, default 5e-4)"
+
+    def bound(self, hp: FinetuneHyperParams) -> float | None:
+        return hp.eps if hp.eps is not None else FT_L_EPS

@@ -25,7 +25,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -35,6 +35,7 @@ from remedi.data import EditCase
 from remedi.hooks import Positions, Site, intervene, replace_at, scale_at
 from remedi.methods.weights import EditHandle, backup, param_name, restored_on_error
 from remedi.models import LoadedModel
+from remedi.registry import WeightMethod, register, sequential_handles
 from remedi.tokens import (
     encode_continuations,
     encode_prompts,
@@ -460,3 +461,37 @@ def statistics(
         ),
         "layer_histogram": dict(sorted(layers.items())),
     }
+
+
+@dataclass
+class KnSettings:
+    """Knowledge-neuron update settings (see :func:`identify` and :func:`update_fact`):
+    integration ``steps``, attribution ``threshold``, the ``share`` of prompts a neuron must
+    be found in, and how many neurons to keep."""
+
+    steps: int = 20
+    threshold: float = 0.2
+    share: float = 0.7
+    min_neurons: int = 2
+    max_neurons: int = 5
+
+
+@register
+class KnowledgeNeuronUpdate(WeightMethod):
+    """``kn``: find each fact's knowledge neurons and rewrite their value slots."""
+
+    name = "kn"
+    order = 7
+    summary = "knowledge-neuron value-slot update (Dai et al. 2022)"
+    Settings = KnSettings
+
+    @classmethod
+    def check_requests(cls, requests: Sequence[Any]) -> str | None:
+        for i, request in enumerate(requests):
+            if not request.target_true:
+                return f"request {i}: kn needs target_true (the object to replace)"
+        return None
+
+    def write(self, lm: LoadedModel, cases: Sequence[EditCase]) -> list[EditHandle]:
+        hp = asdict(self.settings)
+        return sequential_handles(cases, lambda case: apply_update(lm, case, **dict(hp)))()

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -45,6 +45,7 @@ from remedi.methods.rome import (
 from remedi.methods.second_moment import SecondMoment, float64_device
 from remedi.methods.weights import EditHandle, backup, param_name, restored_on_error
 from remedi.models import LoadedModel
+from remedi.registry import WeightMethod, register
 
 KNOWN_LAYERS: dict[tuple[str, int], tuple[int, ...]] = {
     ("gptj", 28): (3, 4, 5, 6, 7, 8),
@@ -78,6 +79,9 @@ class MemitHyperParams:
     mom2_weight: float | None = None
     """λ; None: 15,000 (GPT-J) scaled by mlp_hidden_size / 16,384 (GPT-J's width), which keeps a
     typical key's kᵀ(λC)⁻¹k, i.e. how much of its residual one layer takes, as on GPT-J."""
+    batch: int | None = None
+    """Edits written at once when each batch of cases is scored on its own edit (``--memit-batch``;
+    None: all cases of an evaluation in one batch)."""
     request_batch: int = 16
     """Target states optimised together in one batch (same result as one at a time, faster)."""
     forward_batch: int = 256
@@ -236,3 +240,30 @@ def apply_edits(
             seconds=time.perf_counter() - start,
         )
     return handle
+
+
+@register
+class Memit(WeightMethod):
+    """MEMIT: all requests written at once, the update spread over several MLP layers."""
+
+    name = "memit"
+    order = 6
+    summary = "MEMIT: many requests at once, spread over several MLP layers (Meng et al. 2023)"
+    Settings = MemitHyperParams
+    uses_statistics = True
+    group_size = None
+
+    def resolve(self, lm: LoadedModel) -> MemitHyperParams:
+        hp: MemitHyperParams = self.settings
+        layers = hp.layers if hp.layers is not None else tuple(default_layers(lm))
+        return replace(hp, layers=tuple(lm.arch.check_layer(layer) for layer in layers))
+
+    def group(self, n_cases: int) -> int:
+        return self.settings.batch or n_cases
+
+    def write(self, lm: LoadedModel, cases: Sequence[EditCase]) -> list[EditHandle]:
+        hp = self.resolve(lm)
+        assert hp.layers is not None
+        stats = self.environment.statistics.of(lm, list(hp.layers))
+        progress = self.environment.progress
+        return [apply_edits(lm, cases, stats=stats, hparams=hp, progress=progress)]

@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from remedi.data import EditCase
+from remedi.methods.requests import EditRequest
+from remedi.models import LoadedModel
+from remedi.registry import Edited, Method, as_cases, register
 
 
 def same_relation(a: EditCase, b: EditCase) -> bool:
@@ -77,3 +81,36 @@ def replaced_cases(
         other = random.Random(f"{seed}:{case.case_id}").choice(found)
         out.append(replace_subject(case, other.subject))
     return out
+
+
+class Replaced(Edited):
+    """The model unchanged; each request's prompts carry its partner's subject instead."""
+
+    def __init__(self, lm: LoadedModel, cases: Sequence[EditCase], swapped: list[EditCase | None]):
+        super().__init__(lm, cases)
+        self.swapped = swapped
+
+    def scored_case(self, index: int, case: EditCase) -> EditCase | None:
+        return self.swapped[index]
+
+    def sampled_case(self, index: int, case: EditCase) -> EditCase:
+        return self.swapped[index] or case
+
+
+@register
+class Replace(Method):
+    """``replace``: score the prompts with another subject that truly has the new object,
+    drawn from the evaluation's pool of cases (cases without one are skipped)."""
+
+    name = "replace"
+    order = 2
+    timed = False
+    summary = "no edit: another subject whose true object is target_new put in (REMEDI's baseline)"
+    edits_input = True
+    group_size = 8
+
+    @contextmanager
+    def edit(self, lm: LoadedModel, requests: Sequence[EditRequest | EditCase]) -> Iterator[Edited]:
+        cases = as_cases(requests)
+        pool = self.environment.pool or cases
+        yield Replaced(lm, cases, replaced_cases(cases, pool, self.environment.seed))

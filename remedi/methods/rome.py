@@ -40,6 +40,7 @@ from remedi.methods.second_moment import SecondMoment, float64_device
 from remedi.methods.weights import EditHandle, backup, param_name, restored_on_error
 from remedi.models import LoadedModel, resolve_dtype
 from remedi.models.cast_copy import cast_copy, fast_dtype
+from remedi.registry import WeightMethod, register, sequential_handles
 from remedi.tokens import cache_kwargs, encode_continuations, encode_prompts, unembed
 
 CONTEXT_PREFIXES: tuple[str, ...] = (
@@ -504,3 +505,31 @@ def apply_edit(
             seconds=time.perf_counter() - start,
         )
     return handle
+
+
+@register
+class Rome(WeightMethod):
+    """ROME: one rank-one update of one MLP projection per request, applied in turn."""
+
+    name = "rome"
+    order = 5
+    summary = "ROME rank-one update of one MLP projection (Meng et al. 2022)"
+    Settings = RomeHyperParams
+    uses_statistics = True
+
+    def resolve(self, lm: LoadedModel) -> RomeHyperParams:
+        hp: RomeHyperParams = self.settings
+        layer = hp.layer if hp.layer is not None else default_layer(lm)
+        clamp = hp.clamp if hp.clamp is not None else default_clamp(lm)
+        return replace(hp, layer=lm.arch.check_layer(layer), clamp=clamp)
+
+    def write(self, lm: LoadedModel, cases: Sequence[EditCase]) -> list[EditHandle]:
+        hp = self.resolve(lm)
+        assert hp.layer is not None
+        found = self.environment.statistics.of(lm, [hp.layer])
+        stats = None if found is None else found[hp.layer]
+
+        def one(case: EditCase) -> EditHandle:
+            return apply_edit(lm, case, layer=hp.layer, stats=stats, hparams=hp)
+
+        return sequential_handles(cases, one)()

@@ -7,7 +7,7 @@ co-occurs with the context feature f in McRae's norms, the LM scores g of the co
 is ``"A crow"`` followed by g's phrase without its last word, the target that word (the
 datamodule's split of a feature), and log p(target) is the sum over its tokens. The human
 reference is log P(g | f), the share of McRae's concepts with f that also have g
-(:func:`datamodules.attribute_data.co_probabilities`). Per example we take the Pearson
+(:func:`remedi.data.attributes.co_probabilities`). Per example we take the Pearson
 correlation between the two over its co-occurring features, and report the mean over examples,
 *before* (the unedited LM) and *after* each method:
 
@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from remedi.data.attributes import concept_text, feature_phrase, indefinite
 from remedi.editors import RemediExample
 from remedi.metrics import ScoredRow
 from remedi.metrics.rows import EditContext, scored_chunks
@@ -68,8 +69,6 @@ class EntailmentSample:
 def feature_prompt(entity: str, feature: str) -> tuple[str, str, int]:
     """``(prompt, target, subject start)`` stating ``feature`` of ``entity`` as
     ``McRaeDataModule`` does: ``"A crow has a pointed"``, ``"end"``, 2."""
-    from datamodules.attribute_data import feature_phrase, indefinite
-
     subject = indefinite(entity)
     subject = subject[0].upper() + subject[1:]
     *head, target = feature_phrase(feature).split()
@@ -85,8 +84,6 @@ def build_samples(
 ) -> list[EntailmentSample]:
     """An :class:`EntailmentSample` per McRae example (``case_id`` ``"concept|context
     feature|prompt feature"``), with the features that co-occur with its context feature."""
-    from datamodules.attribute_data import concept_text
-
     by_context: dict[str, list[tuple[str, float]]] = {}
     for (first, second), p in sorted(co_prob.items()):
         by_context.setdefault(first, []).append((second, p))
@@ -145,8 +142,6 @@ def method_rows(
     for i, sample in enumerate(samples):
         prompts, start, other = sample.prompts, sample.subject_start, None
         if method == "replace":
-            from datamodules.attribute_data import concept_text
-
             other = replacement(sample, features_of or {}, seed)
             if other is not None:
                 swapped = [feature_prompt(concept_text(other), f) for f in sample.features]

@@ -3,7 +3,7 @@
 
 A config file holds the command's flat options under their names (``method: [none, rome]``,
 ``data: builtin``, ``stats_tokens: 300``) and one section per method whose fields are that
-method's hyperparameter dataclass (:class:`~remedi.methods.rome.RomeHyperParams`,
+method's settings dataclass, as registered (:mod:`remedi.registry`; e.g.
 :class:`~remedi.methods.memit.MemitHyperParams`,
 :class:`~remedi.methods.finetune.FinetuneHyperParams`; for a trained REMEDI editor
 :class:`~remedi.editors.apply.RemediSettings`), typed and checked by jsonargparse.
@@ -32,35 +32,26 @@ from typing import Any
 import jsonargparse
 import yaml
 
+from remedi import registry
 from remedi.cli import UsageError, one_line
-from remedi.editors.apply import RemediSettings
-from remedi.evaluations.settings import BiosSettings, McRaeSettings, ProbeSettings
-from remedi.methods.finetune import FinetuneHyperParams
-from remedi.methods.memit import MemitHyperParams
-from remedi.methods.memit import default_layers as memit_default_layers
-from remedi.methods.rome import RomeHyperParams, default_clamp, default_layer
+from remedi.evaluation.settings import BiosSettings, McRaeSettings, ProbeSettings
 from remedi.models import LoadedModel
 
-SECTIONS: dict[str, type] = {
-    "rome": RomeHyperParams,
-    "memit": MemitHyperParams,
-    "ft": FinetuneHyperParams,
-    "remedi": RemediSettings,
+TASK_SECTIONS: dict[str, type] = {
     "probe": ProbeSettings,
     "mcrae": McRaeSettings,
     "biosbias": BiosSettings,
 }
-"""Config sections and the dataclass each one fills (``ft`` serves FT and FT-L; ``remedi``
-how a trained REMEDI editor is applied; ``probe``,
-``mcrae`` and ``biosbias`` hold the settings of those tasks, see :mod:`remedi.evaluations`)."""
-METHOD_SECTIONS: dict[str, str] = {
-    "rome": "rome",
-    "memit": "memit",
-    "ft": "ft",
-    "ft-l": "ft",
-    "remedi": "remedi",
-}
-"""The config section that holds each method's settings (recorded in its summary row)."""
+"""The settings of REMEDI's own evaluations (see :mod:`remedi.evaluation`)."""
+
+
+def all_sections() -> dict[str, type]:
+    """Config sections and the dataclass each one fills: every registered method's settings
+    (``ft`` serves FT and FT-L; ``remedi`` how a trained REMEDI editor is applied), then the
+    tasks' sections."""
+    return {**registry.sections(), **TASK_SECTIONS}
+
+
 ALIASES: dict[str, tuple[tuple[str, str], ...]] = {
     "layer": (("rome", "layer"), ("ft", "layer")),
     "n_context": (("rome", "n_context"), ("memit", "n_context")),
@@ -72,9 +63,10 @@ ALIASES: dict[str, tuple[tuple[str, str], ...]] = {
     "memit_lambda": (("memit", "mom2_weight"),),
     "ft_lr": (("ft", "lr"),),
     "ft_steps": (("ft", "steps"),),
+    "ft_eps": (("ft", "eps"),),
+    "memit_batch": (("memit", "batch"),),
 }
-"""Flat flag (by its argparse dest) -> the section fields it sets. ``--ft-eps`` is FT-L's bound
-when ``ft.eps`` is null (see :func:`ft_eps`)."""
+"""Flat flag (by its argparse dest) -> the section fields it sets."""
 OWN_FLAGS = ("--config", "--print_config")
 HIDDEN_DESTS = ("help", "config", "print_config", *ALIASES)
 """Dests left out of a printed config (the aliases show up in the sections instead)."""
@@ -92,21 +84,23 @@ class ParsedConfig:
 
 
 def model_defaults(lm: LoadedModel) -> dict[str, dict[str, Any]]:
-    """The per-model defaults of the sections' null fields, for the models remedi knows and a
-    depth fraction for the rest (from :mod:`remedi.methods.rome` and :mod:`~.memit`)."""
-    layer = default_layer(lm)
-    return {
-        "rome": {"layer": layer, "clamp": default_clamp(lm)},
-        "memit": {"layers": tuple(memit_default_layers(lm))},
-        "ft": {"layer": layer},
-    }
+    """The per-model defaults of each method section's null fields (from the methods'
+    :meth:`~remedi.registry.Method.resolve`)."""
+    found: dict[str, dict[str, Any]] = {}
+    for name, cls in registry.sections().items():
+        blank = cls()
+        filled = resolved(lm, name, blank)
+        found[name] = {
+            f.name: getattr(filled, f.name)
+            for f in dataclasses.fields(blank)
+            if getattr(blank, f.name) is None and getattr(filled, f.name) is not None
+        }
+    return found
 
 
 def resolved(lm: LoadedModel, section: str, hparams: Any) -> Any:
     """``hparams`` (of ``section``) with each null field that has a per-model default set."""
-    defaults = model_defaults(lm).get(section, {})
-    missing = {k: v for k, v in defaults.items() if getattr(hparams, k) is None}
-    return dataclasses.replace(hparams, **missing)
+    return registry.method_class(section)(settings=hparams).resolve(lm)
 
 
 def section_parser(flat: argparse.ArgumentParser) -> jsonargparse.ArgumentParser:
@@ -114,10 +108,10 @@ def section_parser(flat: argparse.ArgumentParser) -> jsonargparse.ArgumentParser
     and the flat parser's options by dest (so a file may set them; their checks stay there)."""
     p = jsonargparse.ArgumentParser(prog=flat.prog, exit_on_error=False, default_env=False)
     p.add_argument("--config", action=jsonargparse.ActionConfigFile)
-    for name, cls in SECTIONS.items():
+    for name, cls in all_sections().items():
         p.add_class_arguments(cls, name)
     for action in flat._actions:
-        if action.dest in HIDDEN_DESTS or action.dest in SECTIONS:
+        if action.dest in HIDDEN_DESTS or action.dest in all_sections():
             continue
         p.add_argument(f"--{action.dest}", type=_loose_type(action), default=None)
     return p
@@ -148,7 +142,7 @@ def split(argv: Sequence[str]) -> tuple[list[str], list[str], bool]:
         section = name[2:].partition(".")[0] if name.startswith("--") and "." in name else ""
         if name == "--print_config":
             print_config = True
-        elif name == "--config" or section in SECTIONS:
+        elif name == "--config" or section in all_sections():
             if not eq:
                 if i + 1 >= len(tokens):
                     raise UsageError(f"{name} needs a value")
@@ -181,7 +175,7 @@ def load(argv: Sequence[str], flat: argparse.ArgumentParser) -> ParsedConfig:
         if name != "--config"
     }
     try:
-        sections = {name: SECTIONS[name](**cfg[name].as_dict()) for name in SECTIONS}
+        found = {name: cls(**cfg[name].as_dict()) for name, cls in all_sections().items()}
     except ValueError as err:
         raise UsageError(one_line(err)) from err
     given = {token.partition("=")[0] for token in rest if token.startswith("--")}
@@ -191,7 +185,7 @@ def load(argv: Sequence[str], flat: argparse.ArgumentParser) -> ParsedConfig:
         if value is None or (set(action.option_strings) & given and _repeats(action)):
             continue
         from_file += _tokens(action, value)
-    return ParsedConfig(from_file + rest, sections, pinned, print_config)
+    return ParsedConfig(from_file + rest, found, pinned, print_config)
 
 
 def _one_line(err: BaseException) -> str:
@@ -225,7 +219,7 @@ def settings(
     in ``args`` applied, except to the fields ``pinned`` by dotted flags."""
     result = {
         name: dataclasses.replace(sections[name]) if sections else cls()
-        for name, cls in SECTIONS.items()
+        for name, cls in all_sections().items()
     }
     for dest, targets in ALIASES.items():
         value = getattr(args, dest, None)
@@ -237,18 +231,13 @@ def settings(
     return result
 
 
-def ft_eps(args: argparse.Namespace, hparams: FinetuneHyperParams) -> float:
-    """FT-L's bound: ``ft.eps`` when set, else ``--ft-eps``."""
-    return hparams.eps if hparams.eps is not None else args.ft_eps
-
-
 def dump(args: argparse.Namespace, sections: dict[str, Any]) -> str:
     """The whole configuration as YAML that ``--config`` reads back (flat options by dest, then
     the sections; the flat aliases are folded into the sections)."""
     flat = {
         key: str(value) if isinstance(value, Path) else value
         for key, value in vars(args).items()
-        if key not in HIDDEN_DESTS and key not in (*SECTIONS, "checkpoints", "settings")
+        if key not in HIDDEN_DESTS and key not in (*all_sections(), "checkpoints", "settings")
     }
     for name, hparams in sections.items():
         flat[name] = {
@@ -261,12 +250,12 @@ def dump(args: argparse.Namespace, sections: dict[str, Any]) -> str:
 def sections_help() -> str:
     """The epilog paragraph that lists the sections' fields and their defaults."""
     lines = [
-        "config files and per-method settings (see remedi.evaluate_config):",
+        "config files and per-method settings (see remedi.evaluation.config):",
         "  --config FILE       a YAML file of the flat options by name (method: [none, rome],",
         "                      data: builtin, ...) and the sections below; command-line flags win",
         "  --print_config      print the complete configuration as YAML and exit",
     ]
-    for name, cls in SECTIONS.items():
+    for name, cls in all_sections().items():
         fields = ", ".join(
             f"{f.name}={f.default!r}".replace("'", "") for f in dataclasses.fields(cls)
         )

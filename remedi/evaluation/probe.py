@@ -80,7 +80,7 @@ def case_prompts(case: EditCase) -> tuple[str, int | None, str, int]:
         start = prompt.index(case.subject)
     else:
         prompt, start = case.rewrite_prompt, case.subject_start
-    context = f"{case.rewrite_prompt} {case.target_new.strip()}. "
+    context = case.edit_statement + ". "
     return prompt, start, context + prompt, len(context) + start
 
 
@@ -134,7 +134,7 @@ def probe_inputs(
     """Run the LM over ``cases`` once for everything the probe compares (:class:`ProbeInputs`)."""
     subjects = [c.subject for c in cases]
     prompts = [case_prompts(c) for c in cases]
-    contexts_new = [f"{c.rewrite_prompt} {str(c.target_new).strip()}" for c in cases]
+    contexts_new = [c.edit_statement for c in cases]
     contexts_true = [f"{c.rewrite_prompt} {c.target_true.strip()}" for c in cases]
     alone = [p[0] for p in prompts]
     in_context = [p[2] for p in prompts]

@@ -5,18 +5,22 @@ protocol line under it, ``cases.jsonl``), all three at once."""
 from __future__ import annotations
 
 import argparse
-import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from remedi import protocol
-from remedi.atomic import atomic_dir
-from remedi.cli import UsageError, fail, file_error, load_lm
-from remedi.evaluations import biosbias, mcrae, probe
-from remedi.evaluations.settings import Split
+from remedi.cli import UsageError, fail, file_error, load_data, load_lm
+from remedi.data.attributes import (
+    co_probabilities,
+    mcrae_examples,
+    read_bios,
+    read_mcrae_features,
+    split_three,
+)
+from remedi.evaluation import biosbias, mcrae, outputs, probe
+from remedi.evaluation.settings import Split
 from remedi.models import LoadedModel
 
 TASKS = ("counterfact", "probe", "mcrae", "biosbias")
@@ -57,22 +61,23 @@ def task_protocol(args: argparse.Namespace, task: str) -> dict[str, Any]:
     }
 
 
-def split_of(module: Any, split: Split) -> list[Any]:
-    """The examples of one split of an ``ExampleDataModule`` (``all``: every example, unsplit)."""
+def split_of(
+    examples: list[Any], split: Split, n_val: int | None, n_test: int | None, seed: int
+) -> list[Any]:
+    """One split of ``examples`` as the training data module splits them (``all``: every
+    example, unsplit; see :func:`remedi.data.attributes.split_three`)."""
     if split == "all":
-        return list(module.read_examples())
-    module.setup()
-    return {"train": module._train, "validation": module._val, "test": module._test}[split]
+        return list(examples)
+    train, val, test = split_three(examples, n_val, n_test, seed)
+    return {"train": train, "validation": val, "test": test}[split]
 
 
 def load_task_data(args: argparse.Namespace) -> Any:
     """The task's data from ``--data`` (before the model loads): CounterFact cases for the
     probe, ``(examples, features)`` for McRae, examples for Bias in Bios."""
-    from remedi import evaluate
-
     task = args.task
     if task == "probe":
-        cases = evaluate.load_data(args.data)
+        cases = load_data(args.data)
         missing = [c.case_id for c in cases if c.target_new is None]
         if missing:
             raise UsageError(f"--data {args.data}: case {missing[0]} has no target_new")
@@ -81,28 +86,16 @@ def load_task_data(args: argparse.Namespace) -> Any:
         raise UsageError(f"--data {args.data}: no such file")
     try:
         if task == "mcrae":
-            from datamodules import McRaeDataModule
-
             s = args.settings["mcrae"]
-            module = McRaeDataModule(
-                args.data,
-                examples_per_concept=s.examples_per_concept,
-                min_co_prob=s.min_co_prob,
-                min_co_concepts=s.min_co_concepts,
-                n_val=s.n_val,
-                n_test=s.n_test,
-                seed=s.seed,
+            features = read_mcrae_features(args.data)
+            examples = mcrae_examples(
+                features, s.examples_per_concept, s.min_co_prob, s.min_co_concepts, s.seed
             )
-            examples = split_of(module, s.split)[: args.limit]
-            return examples, module.read_features()
-        from datamodules import BiasInBiosDataModule
-
+            chosen = split_of(examples, s.split, s.n_val, s.n_test, s.seed)
+            return chosen[: args.limit], features
         b = args.settings["biosbias"]
-        bios = BiasInBiosDataModule(
-            args.data, limit=b.limit, n_val=b.n_val, n_test=b.n_test, seed=b.seed
-        )
-        every = bios.read_examples()
-        return split_of(bios, b.split)[: args.limit], every
+        every = read_bios(args.data, b.limit)
+        return split_of(every, b.split, b.n_val, b.n_test, b.seed)[: args.limit], every
     except (OSError, ValueError, KeyError) as err:
         raise UsageError(file_error("--data", args.data, err)) from err
 
@@ -112,7 +105,7 @@ def run_probe(lm: LoadedModel, args: argparse.Namespace, data: Any, trained: Any
     layer = s.entity_layer
     layer = probe.default_entity_layer(lm.arch.num_layers) if layer is None else layer
     inputs = probe.probe_inputs(lm, data, trained.layer, layer, args.batch_size)
-    rows, records = probe.run_probe(trained.editor, inputs, s.seed)
+    rows, records = probe.run_probe(trained.loaded, inputs, s.seed)
     for row in rows:
         row.update(editor_layer=trained.layer, entity_layer=layer)
     return rows, records
@@ -123,8 +116,6 @@ def run_mcrae(lm: LoadedModel, args: argparse.Namespace, data: Any, trained: Any
 
     s = args.settings["mcrae"]
     examples, features = data
-    from datamodules.attribute_data import co_probabilities
-
     co_prob = co_probabilities(features, s.min_co_concepts)
     samples = mcrae.build_samples(examples, features, co_prob, s.max_co_features, s.seed)
     base_rows, _ = mcrae.method_rows(samples, "none")
@@ -142,7 +133,7 @@ def run_mcrae(lm: LoadedModel, args: argparse.Namespace, data: Any, trained: Any
                     lm, trained.layer, contexts, [x.entity for x in samples]
                 )
             alpha = args.settings["remedi"].alpha
-            edit = metrics_context(lm, trained.layer, trained.editor, attributes, alpha)
+            edit = metrics_context(lm, trained.layer, trained.loaded, attributes, alpha)
         after = before
         if method != "none":
             values = mcrae.feature_log_probs(lm, scored, edit, args.batch_size, method)
@@ -174,7 +165,7 @@ def run_biosbias(lm: LoadedModel, args: argparse.Namespace, data: Any, trained: 
     consistency = biosbias.Consistency(every)
     rows, records = [], []
     for method in args.method:
-        editor = trained.editor if method == "remedi" else None
+        editor = trained.loaded if method == "remedi" else None
         layer = trained.layer if method == "remedi" else None
         for setting in biosbias.SETTINGS:
             found = biosbias.evaluate_setting(
@@ -202,35 +193,20 @@ RUNNERS = {"probe": run_probe, "mcrae": run_mcrae, "biosbias": run_biosbias}
 
 def markdown_table(task: str, rows: Sequence[dict[str, Any]]) -> str:
     """The rows as a Markdown table of the task's columns, with the protocol line under it."""
-    columns = [c for c in COLUMNS[task] if any(c in row for row in rows)]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = []
-        for column in columns:
-            value = row.get(column)
-            cells.append(f"{value:.3f}" if isinstance(value, float) else str(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", protocol.table_line(rows)]
-    return "\n".join(lines) + "\n"
+    return outputs.markdown_table(rows, [c for c in COLUMNS[task] if any(c in r for r in rows)])
 
 
 def write_outputs(output: Path, task: str, rows: Sequence[dict[str, Any]], records: list) -> None:
-    """``summary.json`` (one flat object for one row), ``summary.md`` and ``cases.jsonl``, into a
-    staged copy of ``output`` that replaces it when all three are written
-    (:func:`~remedi.atomic.atomic_dir`): an interruption leaves the earlier files whole."""
-    summary: Any = rows[0] if len(rows) == 1 else list(rows)
-    with atomic_dir(output, update=True) as staged:
-        text = "".join(json.dumps(r) + "\n" for r in records)
-        (staged / "cases.jsonl").write_text(text, encoding="utf-8")
-        (staged / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", "utf-8")
-        (staged / "summary.md").write_text(markdown_table(task, rows), encoding="utf-8")
+    """``summary.json``, ``summary.md`` and ``cases.jsonl`` of a task, written atomically."""
+    columns = [c for c in COLUMNS[task] if any(c in r for r in rows)]
+    outputs.write_outputs(output, rows, records, columns=columns, chart=False)
 
 
-def check(args: argparse.Namespace) -> str | None:
+def check(
+    args: argparse.Namespace, check_common: Callable[[argparse.Namespace], str | None]
+) -> str | None:
     """The first problem with a task's arguments, found before anything loads (fills in the
     default methods)."""
-    from remedi import evaluate
-
     task = args.task
     if args.append:
         return "--append: only --task counterfact tables can be extended"
@@ -242,12 +218,12 @@ def check(args: argparse.Namespace) -> str | None:
     if args.known_only or args.generation:
         flag = "--known-only" if args.known_only else "--generation"
         return f"{flag} applies to --task counterfact only"
-    return evaluate._check_args(args)
+    return check_common(args)
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace, check_common: Callable[[argparse.Namespace], str | None]) -> int:
     """Run ``args.task`` (not counterfact) and write its table; the exit code."""
-    problem = check(args)
+    problem = check(args, check_common)
     if problem:
         return fail(problem)
     task = args.task
@@ -271,11 +247,12 @@ def main(args: argparse.Namespace) -> int:
         return fail(f"--probe.entity_layer {entity_layer} is out of range (0..{top})")
     trained = None
     if "remedi" in args.method:
-        from lightning_modules import load_trained
+        from remedi import registry
 
         path = args.checkpoints["remedi"]
         try:
-            trained = load_trained("remedi", path, lm, args.dtype)
+            trained = registry.editor("remedi", checkpoint=path)
+            trained.bind(lm, args.dtype)
         except (OSError, ValueError) as err:
             return fail(file_error("--checkpoint", path, err))
     rows, records = RUNNERS[task](lm, args, data, trained)

@@ -12,7 +12,7 @@ SPLITS: tuple[Split, ...] = ("train", "validation", "test", "all")
 
 @dataclass
 class ProbeSettings:
-    """The Fact-Med / Fact-Prior probe (:mod:`remedi.evaluations.probe`).
+    """The Fact-Med / Fact-Prior probe (:mod:`remedi.evaluation.probe`).
 
     Args:
         entity_layer: block whose output at the entity's last token is compared with the
@@ -26,7 +26,7 @@ class ProbeSettings:
 
 @dataclass
 class McRaeSettings:
-    """McRae entailment (:mod:`remedi.evaluations.mcrae`). The examples are split exactly as
+    """McRae entailment (:mod:`remedi.evaluation.mcrae`). The examples are split exactly as
     ``datamodules.McRaeDataModule`` splits them in training, so give the training config's
     ``examples_per_concept``, ``n_val``, ``n_test`` and ``seed`` to score held-out examples.
 
@@ -51,7 +51,7 @@ class McRaeSettings:
 
 @dataclass
 class BiosSettings:
-    """Bias in Bios generation (:mod:`remedi.evaluations.biosbias`). The bios are split exactly
+    """Bias in Bios generation (:mod:`remedi.evaluation.biosbias`). The bios are split exactly
     as ``datamodules.BiasInBiosDataModule`` splits them in training (give the training config's
     ``limit``, ``n_val``, ``n_test`` and ``seed``).
 

@@ -1,0 +1,115 @@
+"""Writing an evaluation's results: the summary rows as JSON and a Markdown table with its
+protocol line, the per-case records, the chart, and the rows of an earlier table for
+``--append``. Every table of ``remedi.evaluate`` (the CounterFact/zsRE table and REMEDI's tasks)
+is written here, atomically."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from remedi import protocol
+from remedi.atomic import atomic_dir
+from remedi.cli import UsageError, one_line
+from remedi.metrics import GENERATION_METRIC_NAMES, METRIC_NAMES, ZSRE_METRIC_NAMES
+
+
+def edit_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The columns of an editing table (zsRE's for a zsRE table)."""
+    zsre = any(name in row for row in rows for name in ZSRE_METRIC_NAMES)
+    columns = ["method", "n_cases", *(ZSRE_METRIC_NAMES if zsre else METRIC_NAMES)]
+    columns.append("seconds_per_edit")
+    columns += [name for name in GENERATION_METRIC_NAMES if any(name in row for row in rows)]
+    return columns
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """The rows as a Markdown table of ``columns`` (default: :func:`edit_columns`), with the
+    protocol in a line under it (a protocol column instead when the rows' protocols differ)."""
+    columns = list(columns) if columns is not None else edit_columns(rows)
+    mixed = bool(protocol.conflicts(rows))
+    lines = ["| " + " | ".join(columns + ["protocol"] * mixed) + " |"]
+    lines.append("|" + "---|" * (len(columns) + mixed))
+    for row in rows:
+        cells = []
+        for column in columns:
+            value = row.get(column)
+            cells.append(f"{value:.3f}" if isinstance(value, float) else str(value))
+        if mixed:
+            cells.append(protocol.describe(protocol.protocol_of(row)))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", protocol.table_line(rows)]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(
+    output: Path,
+    rows: Sequence[dict[str, Any]],
+    records: Sequence[dict[str, Any]],
+    extra_lines: dict[str, Sequence[str]] | None = None,
+    append: bool = False,
+    columns: Sequence[str] | None = None,
+    chart: bool = True,
+) -> None:
+    """Write the table (``summary.json``: one flat object for one row; ``summary.md``; with
+    ``chart``, ``chart.png``), the per-case records (``cases.jsonl``) and any ``extra_lines``
+    files (e.g. ``generations.jsonl``) into ``output``, all at once: into a staged copy of the
+    folder that replaces it when complete (:func:`~remedi.atomic.atomic_dir`), so an
+    interruption leaves the earlier files whole, never new records beside an old table. With
+    ``append``, ``rows`` is the whole table and the lines are added to those already there."""
+    with atomic_dir(output, update=True) as staged:
+
+        def write_lines(name: str, lines: Sequence[str]) -> None:
+            before = (output / name).read_text() if append and (output / name).exists() else ""
+            (staged / name).write_text(before + "".join(lines), encoding="utf-8")
+
+        write_lines("cases.jsonl", [json.dumps(r) + "\n" for r in records])
+        for name, lines in (extra_lines or {}).items():
+            write_lines(name, lines)
+        summary: Any = rows[0] if len(rows) == 1 else list(rows)
+        (staged / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", "utf-8")
+        (staged / "summary.md").write_text(markdown_table(rows, columns), encoding="utf-8")
+        if chart:
+            from remedi.methods import figures
+
+            figures.save_figure(figures.summary_bars(rows), staged / "chart.png")
+
+
+def earlier_rows(output: Path) -> list[dict[str, Any]]:
+    """The rows of the table already in ``output`` (none when it has no summary.json), for
+    ``--append``."""
+    path = output / "summary.json"
+    if not path.exists():
+        return []
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--append: {path} is not valid JSON: {one_line(err)}") from err
+    rows = summary if isinstance(summary, list) else [summary]
+    if not all(isinstance(row, dict) and "method" in row for row in rows):
+        raise UsageError(f"--append: {path} is not a summary.json of remedi.evaluate")
+    return rows
+
+
+def protocol_problem(
+    earlier: Sequence[dict[str, Any]], rows: Sequence[dict[str, Any]], mixed: bool
+) -> str | None:
+    """Why ``rows`` (this run's rows or their planned protocols) may not share one table with
+    each other and the ``earlier`` rows kept by ``--append``; None when they may."""
+    if mixed:
+        return None
+    if earlier:
+        why = protocol.mismatch(earlier, rows)
+        if why:
+            return (
+                f"--append: the table in summary.json has another protocol ({why}); pass "
+                "--mixed-protocols to put both in one table"
+            )
+    found = protocol.conflicts(rows)
+    if found:
+        name, values = next(iter(found.items()))
+        shown = ", ".join(map(str, values))
+        return f"the methods' rows differ in {name} ({shown}); pass --mixed-protocols to allow it"
+    return None
