@@ -1,0 +1,49 @@
+"""Redraw ``docs/chart.png``, the README's headline chart, from the headline table's numbers.
+
+Run from the repository root: ``python docs/make_chart.py``. The figure is drawn by the same code
+that writes ``chart.png`` for ``python -m remedi.evaluate`` (``remedi.methods.figures``). Every
+number below is copied from the README's headline table; where each came from (command, cases,
+settings) is in ``docs/results.md``. A score that was not measured is None and left as a gap.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from remedi.methods.figures import save_figure, summary_bars
+
+MODEL = "gemma3-270m"
+
+
+def row(method: str, es: float, ps: float, ns: float, score: float | None, n: int) -> dict:
+    """One summary row in the shape ``remedi.evaluate`` writes (the columns the chart draws)."""
+    return {
+        "method": method,
+        "efficacy_score": es,
+        "paraphrase_score": ps,
+        "neighborhood_score": ns,
+        "score": score,
+        "n_cases": n,
+        "model": MODEL,
+    }
+
+
+ROWS = [
+    row("none", 0.000, 0.135, 0.843, 0.000, 200),
+    row("prefix", 0.935, 0.877, 0.455, 0.681, 200),
+    row("rome", 0.985, 0.943, 0.815, 0.908, 200),
+    row("memit (100)", 0.66, 0.53, 0.847, None, 100),
+    row("remedi L1", 0.260, 0.290, 0.843, 0.354, 200),
+    row("remedi L3 α3", 0.910, 0.910, 0.843, None, 200),
+    row("mend", 0.580, 0.512, 0.579, 0.555, 200),
+    row("ke", 0.950, 0.833, 0.532, 0.726, 200),
+]
+
+
+def main() -> None:
+    path = save_figure(summary_bars(ROWS), Path(__file__).with_name("chart.png"))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
