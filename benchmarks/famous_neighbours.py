@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from remedi.atomic import write_text
-from remedi.data import EditCase, parse_records
+from remedi.data import EditCase, load_builtin, parse_records
 from remedi.metrics import case_rows, row_probabilities
 
 
@@ -82,6 +82,13 @@ def score(
         neighbours = pairs[i]["neighborhood"]
         out.append((rewrite_true > rewrite_new, [t > n for n, t in neighbours], neighbours))
     return out
+
+
+def repeats_a_training_fact(case: EditCase) -> bool:
+    """Whether ``case`` asks about a subject and prompt of the built-in train or validation
+    facts: editors are trained and selected on those, so a reported split leaves it out."""
+    seen = {(c.subject, c.prompt) for c in load_builtin("train") + load_builtin("validation")}
+    return (case.subject, case.prompt) in seen
 
 
 def split_groups(cases: Sequence[EditCase]) -> tuple[list[int], list[int]]:
@@ -184,6 +191,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     if args.split:
         first, second = split_groups(kept_cases)
+        repeated = [i for i in second if repeats_a_training_fact(kept_cases[i])]
+        second = [i for i in second if i not in repeated]
+        lines += [
+            f"Dropped from the second split, as facts of the built-in train or validation split "
+            f"(same subject and prompt): {len(repeated)}.",
+            "",
+        ]
         for path, indices in zip(args.split, (first, second), strict=True):
             write_text(path, dump([kept[i] for i in indices]))
             named.append((path.stem, [kept_cases[i] for i in indices]))

@@ -67,8 +67,15 @@ from remedi.cli import (
 )
 from remedi.data import EditCase
 from remedi.evaluation import config as evaluate_config
-from remedi.evaluation.compare import Options, evaluate, row_protocol, select_cases
+from remedi.evaluation.compare import (
+    Options,
+    data_fields,
+    evaluate,
+    row_protocol,
+    select_cases,
+)
 from remedi.evaluation.outputs import (
+    case_set_problem,
     earlier_rows,
     markdown_table,
     protocol_problem,
@@ -338,6 +345,32 @@ def _add_output_arguments(p: argparse.ArgumentParser) -> None:
         "new: --generation-tokens new tokens after each prompt",
     )
     p.add_argument(
+        "--reference-corpus",
+        default=None,
+        metavar="FILE",
+        help="with --generation: the text file (one document a line) the reference score's "
+        "tf-idf is fitted on, e.g. Wikipedia articles as in the ROME paper; None: the built-in "
+        "facts' statements",
+    )
+    p.add_argument(
+        "--heldout-text",
+        default="builtin",
+        metavar="builtin|FILE",
+        help="the held-out text whose perplexity under each edit gives perplexity_ratio: a short "
+        "built-in passage or a text file (e.g. WikiText-2's test file)",
+    )
+    p.add_argument(
+        "--heldout-tokens",
+        type=int,
+        default=1024,
+        help="tokens of the held-out text scored after each edit (0: no perplexity_ratio)",
+    )
+    p.add_argument(
+        "--no-plus",
+        action="store_true",
+        help="skip the CounterFact+ neighbourhood (NS+) and neighbourhood KL columns",
+    )
+    p.add_argument(
         "--append",
         action="store_true",
         help="add this run's rows to the table already in --output (summary.json, summary.md, "
@@ -380,6 +413,12 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return f"--corpus: not found: {args.corpus}"
     if args.stats_tokens < 1:
         return f"--stats-tokens must be positive, got {args.stats_tokens}"
+    if args.reference_corpus is not None and not Path(args.reference_corpus).is_file():
+        return f"--reference-corpus: file not found: {args.reference_corpus}"
+    if args.heldout_tokens < 0:
+        return f"--heldout-tokens must be >= 0, got {args.heldout_tokens}"
+    if args.heldout_text != "builtin" and not Path(args.heldout_text).is_file():
+        return f"--heldout-text: file not found: {args.heldout_text}"
     return None
 
 
@@ -460,7 +499,12 @@ def options(args: argparse.Namespace) -> Options:
         generation_tokens=args.generation_tokens,
         generation_length=getattr(args, "generation_length", "total"),
         dtype=args.dtype,
+        data=args.data,
         model=args.model,
+        plus=not args.no_plus,
+        heldout_text=args.heldout_text,
+        reference_corpus=args.reference_corpus,
+        heldout_tokens=args.heldout_tokens,
         announce_statistics=True,
     )
 
@@ -531,6 +575,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     cases = select_cases(lm, cases, chosen)
     if not cases:
         return fail(f"--data: no cases left to evaluate in {args.data}")
+    problem = case_set_problem(earlier, data_fields(cases, chosen)["data_sha256"])
+    if problem:
+        return fail(problem)
     samples: dict[str, list[list[str]]] = {}
     rows, records = evaluate(lm, methods, cases, chosen, samples)
     problem = protocol_problem(earlier, rows, args.mixed_protocols)

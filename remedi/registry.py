@@ -84,6 +84,14 @@ class Environment:
 
     statistics: Statistics = field(default_factory=Statistics)
     pool: Sequence[EditCase] = ()
+    heldout: list[list[int]] | None = None
+    """Token windows of the held-out text (:mod:`remedi.metrics.perplexity`); None: its
+    perplexity is not measured."""
+    heldout_perplexity: float = 1.0
+    """The unedited model's perplexity on :attr:`heldout`."""
+    references: Sequence[Any] | None = None
+    """Per evaluated case, the unedited next-token distributions of its CounterFact+ prompts
+    (:func:`remedi.metrics.specificity.references`); None: CounterFact+ is not scored."""
     seed: int = 0
     batch_size: int = 32
     progress: bool = True
@@ -119,6 +127,11 @@ class Edited:
         """``case`` (request ``index`` of this edit) as this method scores it."""
         return case
 
+    def text_prefix(self) -> str:
+        """Text the edit puts before any input (a prefix method's statements); empty for
+        edits that live in the weights or in hooks."""
+        return ""
+
     def sampled_case(self, index: int, case: EditCase) -> EditCase:
         """The case whose generation prompts are sampled for request ``index``."""
         return case
@@ -150,6 +163,10 @@ class Method(ABC):
     edits_input: ClassVar[bool] = False
     """True when the edit lives in the input (a prefix, another subject, a hook keyed on the
     subject's mention) rather than in the weights."""
+    edits_neighbors: ClassVar[bool] = True
+    """False when the edit cannot reach the plain neighbourhood prompts by construction (it keys
+    on the subject's mention or swaps the subject): their score is then the unedited model's and
+    is reported as n/a, the CounterFact+ neighbourhood standing in for it."""
     uses_statistics: ClassVar[bool] = False
     """True when the method reads second-moment statistics (the protocol names the source)."""
     writes_weights: ClassVar[bool] = False

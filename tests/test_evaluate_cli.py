@@ -58,7 +58,8 @@ def test_table_for_several_methods(setup: dict[str, Path]) -> None:
     lines = (setup["out"] / "cases.jsonl").read_text().splitlines()
     assert len(lines) == 2 * len(methods) and json.loads(lines[0])["case_id"] == 7
     table = (setup["out"] / "summary.md").read_text().splitlines()
-    assert len(table) == 4 + len(methods) and table[0].startswith("| method")
+    assert len(table) == 6 + len(methods) and table[0].startswith("| method")
+    assert table[-3].startswith(f"Cases: {setup['data']}, sha256 ")
     assert table[-1].startswith("Protocol: CounterFact probability comparisons, scoring mean")
     settings = {row["method"]: row.get("settings") for row in summary}
     assert settings["none"] is None and settings["prefix"] is None
@@ -196,12 +197,25 @@ def test_chart_has_one_bar_group_per_method(tmp_path: Path) -> None:
     fig = figures.summary_bars(rows)
     ax = fig.axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["none", "rome", "memit"]
-    assert len(ax.containers) == len(figures.SUMMARY_BARS)
+    assert len(ax.containers) == len(figures.SUMMARY_BARS) - len(figures.OPTIONAL_BARS)
     assert all(len(bars) == 3 for bars in ax.containers)
     assert [b.get_height() for b in ax.containers[0]] == [0.0, 1.0, 0.5]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ES", "PS", "NS", "Score"]
     path = figures.save_figure(fig, tmp_path / "chart.png")
     assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_chart_draws_the_plus_neighbourhood_and_each_interval() -> None:
+    row = {"method": "rome", "model": "tiny", "n_cases": 40, "efficacy_score": 0.9}
+    row |= {"efficacy_score_ci95": [0.8, 0.95], "neighborhood_plus_score": 0.6}
+    ax = figures.summary_bars([row]).axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["ES", "PS", "NS", "NS+", "Score"]
+    from matplotlib.container import BarContainer
+
+    bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert bars[0].errorbar is not None and all(b.errorbar is None for b in bars[1:])
+    whiskers = bars[0].errorbar.lines[2][0].get_segments()[0]
+    assert [round(float(y), 6) for y in whiskers[:, 1]] == [0.8, 0.95]
 
 
 def test_help_documents_inputs_outputs_and_defaults(capsys: pytest.CaptureFixture) -> None:

@@ -36,3 +36,27 @@ def test_alpha_scales_the_edit_and_is_recorded_in_the_row(
     # the one-step editor's direction is small, so the change is close to linear in alpha
     assert abs(moved) > 0
     assert scaled["remedi"]["efficacy_magnitude"] - unedited == pytest.approx(3 * moved, rel=0.1)
+
+
+def test_remedi_is_measured_on_counterfact_plus_and_its_plain_neighbourhood_is_na(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    """REMEDI's plain neighbourhood prompts never mention the subject, so their score would be
+    the unedited model's: it is n/a, and Score comes from ES, PS and NS+, which REMEDI moves."""
+    rows = _rows(trained, tmp_path / "plus", "--remedi.alpha", "3")
+    none, remedi = rows["none"], rows["remedi"]
+    assert remedi["neighborhood_score"] is None and remedi["score_from"] == "ES, PS, NS+"
+    assert none["score_from"] == "ES, PS, NS" and none["neighborhood_score"] is not None
+    assert remedi["neighborhood_plus_magnitude"] != pytest.approx(
+        none["neighborhood_plus_magnitude"], abs=1e-7
+    )
+    assert remedi["neighborhood_kl"] > 1e-6 > none["neighborhood_kl"]
+    parts = [
+        remedi["efficacy_score"],
+        remedi["paraphrase_score"],
+        remedi["neighborhood_plus_score"],
+    ]
+    expected = 0.0 if min(parts) == 0 else 3 / sum(1 / p for p in parts)
+    assert remedi["score"] == pytest.approx(expected)
+    table = (tmp_path / "plus" / "summary.md").read_text()
+    assert "| n/a |" in table and "remedi: ES, PS, NS+" in table

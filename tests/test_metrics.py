@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from contextlib import contextmanager
+from typing import Any
 
 import pytest
 import torch
@@ -21,7 +23,7 @@ from remedi.metrics import (
     row_probabilities,
     summarize,
 )
-from remedi.tokens import encode_continuations, score_continuations
+from remedi.tokens import encode_continuations
 
 CASE = EditCase(
     case_id=1,
@@ -42,22 +44,37 @@ def test_rows_pair_new_and_true() -> None:
     assert all(r.subject is None for r in rows if r.kind == "neighborhood")
 
 
-def test_scores_match_direct_comparison() -> None:
-    lm = tiny_model("gpt2")
-    summary, (per_case,) = evaluate_cases(lm.model, lm.tokenizer, [CASE])
-    assert set(summary) == set(METRIC_NAMES)
-    prompts = [CASE.rewrite_prompt, *CASE.paraphrase_prompts, *CASE.neighborhood_prompts]
+def _by_hand(lm: Any, prompt: str, target: str) -> float:
+    """P(target | prompt) computed without the product's scoring: the model's full forward on
+    ``prompt + " " + target``, the target's tokens found by character offsets, exp of their
+    mean log-probability."""
+    text = f"{prompt} {target}"
+    encoded = lm.tokenizer(text, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    first = next(j for j, (start, end) in enumerate(offsets) if start >= len(prompt) and end > 0)
     with torch.no_grad():
-        p_new = score_continuations(
-            lm.model, encode_continuations(lm.tokenizer, prompts, ["France"] * 5)
-        ).mean_prob
-        p_true = score_continuations(
-            lm.model, encode_continuations(lm.tokenizer, prompts, ["Japan"] * 5)
-        ).mean_prob
+        logprobs = torch.log_softmax(lm.model(torch.tensor([ids])).logits[0].float(), -1)
+    picked = [float(logprobs[j - 1, ids[j]]) for j in range(first, len(ids))]
+    return math.exp(sum(picked) / len(picked))
+
+
+def test_scores_match_a_by_hand_computation() -> None:
+    """ES, PS, NS and the CounterFact+ NS against probabilities computed from the model's own
+    logits (not through :mod:`remedi.tokens`)."""
+    lm = tiny_model("gpt2")
+    summary, (per_case,) = evaluate_cases(lm.model, lm.tokenizer, [CASE], plus=True)
+    assert set(METRIC_NAMES) <= set(summary)
+    plus = [f"{CASE.edit_statement}. {p}" for p in CASE.neighborhood_prompts]
+    prompts = [CASE.rewrite_prompt, *CASE.paraphrase_prompts, *CASE.neighborhood_prompts, *plus]
+    p_new = torch.tensor([_by_hand(lm, p, "France") for p in prompts])
+    p_true = torch.tensor([_by_hand(lm, p, "Japan") for p in prompts])
     assert per_case["efficacy_score"] == float(p_new[0] > p_true[0])
-    assert per_case["efficacy_magnitude"] == pytest.approx(float(p_new[0] - p_true[0]), abs=1e-6)
+    assert per_case["efficacy_magnitude"] == pytest.approx(float(p_new[0] - p_true[0]), abs=1e-5)
     assert per_case["paraphrase_score"] == float((p_new[1:3] > p_true[1:3]).float().mean())
-    assert per_case["neighborhood_score"] == float((p_true[3:] > p_new[3:]).float().mean())
+    assert per_case["neighborhood_score"] == float((p_true[3:5] > p_new[3:5]).float().mean())
+    assert per_case["neighborhood_plus_score"] == float((p_true[5:] > p_new[5:]).float().mean())
+    magnitude = float((p_true[5:] - p_new[5:]).mean())
+    assert per_case["neighborhood_plus_magnitude"] == pytest.approx(magnitude, abs=1e-5)
     for name in ("efficacy_score", "paraphrase_score", "neighborhood_score", "score"):
         assert 0.0 <= summary[name] <= 1.0
 

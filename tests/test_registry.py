@@ -152,9 +152,9 @@ def test_compare_rows_equal_the_command_rows(tmp_path: Path) -> None:
     assert evaluate.main(argv) == 0
     written = json.loads((tmp_path / "out" / "summary.json").read_text())
     loaded = remedi.load_model(str(tmp_path / "model"))
-    rows = remedi.compare(
-        loaded, ["none", "prefix"], remedi.load_cases(tmp_path / "cf.json"), progress=False
-    )
+    data = str(tmp_path / "cf.json")
+    cases = remedi.load_cases(data)
+    rows = remedi.compare(loaded, ["none", "prefix"], cases, progress=False, data=data)
 
     def comparable(row: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in row.items() if not k.startswith("seconds")}

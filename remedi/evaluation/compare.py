@@ -7,15 +7,18 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from remedi.data import EditCase
+from remedi.data.locality import disjoint_locality
 from remedi.evaluation.runner import run_method
 from remedi.evaluation.summary import (
     case_records,
@@ -24,13 +27,20 @@ from remedi.evaluation.summary import (
     protocol_fields,
     summary_row,
 )
+from remedi.evaluation.uncertainty import intervals
 from remedi.metrics import (
+    PLUS_NAMES,
+    SCORE_NAMES,
     case_samples,
     generation_metrics,
+    harmonic_mean,
     metric_names,
+    reference_vectorizer,
     summarize,
     summarize_generation,
 )
+from remedi.metrics.perplexity import BUILTIN_TEXT, HeldoutText, perplexity, windows
+from remedi.metrics.specificity import reference_measures
 from remedi.models import LoadedModel
 from remedi.registry import Edited, Environment, Method, Statistics, as_method
 
@@ -51,7 +61,15 @@ class Options:
         generation_tokens: tokens per sample (in all, or new: ``generation_length``).
         generation_length: ``total`` (prompt included, ROME's protocol) or ``new``.
         dtype: the dtype the model was loaded in (named in the protocol).
+        data: what the cases were read from (``--data``; named in each row).
         model: the model's name in the rows (None: the loaded model's spec).
+        plus: also score the CounterFact+ neighbourhood (each neighbourhood prompt after the
+            edit's statement) and its next-token KL against the unedited model.
+        reference_corpus: the text file the reference score's tf-idf is fitted on (one document
+            a line); None: the built-in facts' statements.
+        heldout_text: the held-out text whose perplexity each edit's ``perplexity_ratio`` is
+            measured on: ``builtin`` (a short built-in passage) or a text file.
+        heldout_tokens: its tokens scored (0: no perplexity).
         seed: seed of methods that draw at random (``replace``'s partners).
         progress: show progress bars.
     """
@@ -66,11 +84,18 @@ class Options:
     generation_tokens: int = 100
     generation_length: str = "total"
     dtype: str = "float32"
+    data: str | None = None
     model: str | None = None
+    plus: bool = True
+    reference_corpus: str | None = None
+    heldout_text: str = BUILTIN_TEXT
+    heldout_tokens: int = 1024
     seed: int = 0
     progress: bool = True
     announce_statistics: bool = False
     pool: Sequence[EditCase] = field(default_factory=list)
+    locality: str | None = None
+    """How zsRE locality prompts were chosen (set by :func:`select_cases`)."""
 
 
 def options_from(**given: Any) -> Options:
@@ -84,12 +109,15 @@ def options_from(**given: Any) -> Options:
 
 
 def select_cases(lm: LoadedModel, cases: Sequence[EditCase], options: Options) -> list[EditCase]:
-    """The cases an evaluation scores: the known ones with ``known_only``, the first ``limit``."""
+    """The cases an evaluation scores: the known ones with ``known_only``, the first ``limit``;
+    zsRE cases with locality prompts that are no edit question of the data
+    (:func:`remedi.data.locality.disjoint_locality`; how, in ``options.locality``)."""
     chosen = list(cases)
     if options.known_only:
         chosen = [chosen[i] for i in known_cases(lm, chosen, options.batch_size)]
     if options.limit is not None:
         chosen = chosen[: options.limit]
+    chosen, options.locality = disjoint_locality(chosen, options.pool or cases)
     return chosen
 
 
@@ -131,7 +159,20 @@ def evaluate(
         progress=options.progress,
     )
     family = metric_family(cases)
-    names = metric_names("zsre" if family == "zsre" else "counterfact")
+    names = list(metric_names("zsre" if family == "zsre" else "counterfact"))
+    text = HeldoutText(options.heldout_text, options.heldout_tokens)
+    if options.heldout_tokens > 0:
+        environment.heldout = windows(lm, text)
+        environment.heldout_perplexity = perplexity(lm, environment.heldout)
+        names.insert(len(names) - (family == "counterfact"), "perplexity_ratio")
+    if options.plus:
+        environment.references = reference_measures(
+            lm.model, lm.tokenizer, cases, options.batch_size
+        )
+        if family == "counterfact":
+            names[-1:-1] = [*PLUS_NAMES, "neighborhood_kl"]
+        else:
+            names.append("locality_agreement")
     model = options.model or lm.spec
     rows: list[dict[str, Any]] = []
     records: list[dict[str, Any]] = []
@@ -142,24 +183,120 @@ def evaluate(
         sampler = _sampler(lm, method.name, cases, options, texts) if options.generation else None
         result = run_method(lm, method, cases, sampler)
         row = summary_row(result, lm.spec, len(cases), summarize(result.per_case), names)
+        if family == "counterfact":
+            score_from_measured(row, method, result.per_case)
+        parts = SCORE_PARTS.get(str(row.get("score_from")))
+        means = [n for n in names if n != "score"]
+        row.update(intervals(result.per_case, means, parts))
+        row.update(data_fields(cases, options))
+        row["heldout"] = text.describe() if options.heldout_tokens > 0 else None
+        if family == "zsre":
+            row["locality"] = options.locality
+        row.update(settings_fields(method, lm))
         row.update(row_protocol(method, family, options, model) | {"model": lm.spec})
-        settings = method.settings
-        is_instance = dataclasses.is_dataclass(settings) and not isinstance(settings, type)
-        if is_instance and dataclasses.fields(settings):
-            row["settings"] = dataclasses.asdict(settings)
         if result.skipped:
             row["n_cases"] = len(cases) - len(result.skipped)
             row["n_skipped"] = len(result.skipped)
         if options.generation:
             if samples is not None:
                 samples[method.name] = texts
-            generation = generation_metrics(cases, texts)
+            vectorizer = reference_vectorizer(options.reference_corpus)
+            generation = generation_metrics(cases, texts, vectorizer)
+            row["reference_corpus"] = options.reference_corpus or "built-in statements"
             row.update(summarize_generation(generation))
             for metrics, extra in zip(result.per_case, generation, strict=True):
                 metrics.update(extra)
         rows.append(row)
         records += case_records(method.name, cases, result)
     return rows, records
+
+
+SCORE_PARTS = {
+    "ES, PS, NS": SCORE_NAMES,
+    "ES, PS, NS+": (SCORE_NAMES[0], SCORE_NAMES[1], PLUS_NAMES[0]),
+}
+"""The per-case scores each Score is the harmonic mean of (for its interval)."""
+
+
+def digest(value: Any) -> str:
+    """SHA-256 of ``value`` as canonical JSON (sorted keys)."""
+    text = json.dumps(value, sort_keys=True, default=str, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def data_fields(cases: Sequence[EditCase], options: Options) -> dict[str, Any]:
+    """What a row was measured on: the data named, the filters, and a hash of the exact case
+    list (every field of every case, in order)."""
+    return {
+        "data": options.data,
+        "limit": options.limit,
+        "known_only": options.known_only,
+        "data_sha256": digest([dataclasses.asdict(case) for case in cases]),
+    }
+
+
+def settings_fields(method: Method, lm: LoadedModel) -> dict[str, Any]:
+    """The method's resolved settings (the model's defaults in place of null fields; the dtype
+    ROME and MEMIT actually optimise in) and a digest of them with the method's name and, for a
+    trained method, its checkpoint's bytes."""
+    settings = method.resolve(lm)
+    fields: dict[str, Any] = {}
+    is_instance = dataclasses.is_dataclass(settings) and not isinstance(settings, type)
+    plain = dataclasses.asdict(settings) if is_instance else {}
+    if plain.get("optimise_dtype") == "auto":
+        plain["optimise_dtype"] = optimised_dtype(lm)
+    if plain:
+        fields["settings"] = plain
+    weights = None
+    if method.checkpoint is not None:
+        weights = checkpoint_digest(method.checkpoint)
+    fields["settings_sha256"] = digest(
+        {"method": method.name, "settings": plain, "weights": weights}
+    )
+    return fields
+
+
+def optimised_dtype(lm: LoadedModel) -> str:
+    """The dtype ``optimise_dtype="auto"`` optimises in on ``lm``'s device (see
+    :func:`remedi.methods.rome.optimisation_model`)."""
+    import torch
+
+    from remedi.models.cast_copy import fast_dtype
+
+    fast = fast_dtype(lm.device) if lm.dtype == torch.float32 else None
+    return str(fast or lm.dtype).removeprefix("torch.")
+
+
+def checkpoint_digest(path: Path) -> str:
+    """SHA-256 of a checkpoint's bytes (a folder: of its files, by name)."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    sha = hashlib.sha256()
+    for file in files:
+        sha.update(file.name.encode())
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                sha.update(block)
+    return sha.hexdigest()
+
+
+def score_from_measured(
+    row: dict[str, Any], method: Method, per_case: list[dict[str, float]]
+) -> None:
+    """Make ``row``'s Score the harmonic mean of what the method's edit is measured on: ES, PS
+    and NS, or (an edit that cannot reach the plain neighbourhood prompts) ES, PS and NS+, its
+    NS being the unedited model's by construction and so reported as n/a (None), in the row
+    and in each case's metrics. ``score_from`` names the three."""
+    if method.edits_neighbors:
+        row["score_from"] = "ES, PS, NS"
+        return
+    row["neighborhood_score"] = row["neighborhood_magnitude"] = None
+    for metrics in per_case:
+        metrics.pop("neighborhood_score", None)
+        metrics.pop("neighborhood_magnitude", None)
+    parts = [row.get(SCORE_NAMES[0]), row.get(SCORE_NAMES[1]), row.get(PLUS_NAMES[0])]
+    measured = [p for p in parts if p is not None]
+    row["score"] = harmonic_mean(measured) if len(measured) == 3 else None
+    row["score_from"] = "ES, PS, NS+"
 
 
 def _sampler(

@@ -13,13 +13,22 @@ from typing import Any
 from remedi import protocol
 from remedi.atomic import atomic_dir
 from remedi.cli import UsageError, one_line
-from remedi.metrics import GENERATION_METRIC_NAMES, METRIC_NAMES, ZSRE_METRIC_NAMES
+from remedi.metrics import (
+    GENERATION_METRIC_NAMES,
+    METRIC_NAMES,
+    PLUS_NAMES,
+    ZSRE_METRIC_NAMES,
+)
 
 
 def edit_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
     """The columns of an editing table (zsRE's for a zsRE table)."""
     zsre = any(name in row for row in rows for name in ZSRE_METRIC_NAMES)
     columns = ["method", "n_cases", *(ZSRE_METRIC_NAMES if zsre else METRIC_NAMES)]
+    extra = (*PLUS_NAMES[:1], "neighborhood_kl", "locality_agreement", "perplexity_ratio")
+    found = [name for name in extra if any(name in r for r in rows)]
+    at = len(columns) if zsre else len(columns) - 1  # before Score, which ends a CounterFact row
+    columns[at:at] = found
     columns.append("seconds_per_edit")
     columns += [name for name in GENERATION_METRIC_NAMES if any(name in row for row in rows)]
     return columns
@@ -33,15 +42,69 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None
     lines = ["| " + " | ".join(columns + ["protocol"] * mixed) + " |"]
     lines.append("|" + "---|" * (len(columns) + mixed))
     for row in rows:
-        cells = []
-        for column in columns:
-            value = row.get(column)
-            cells.append(f"{value:.3f}" if isinstance(value, float) else str(value))
+        cells = [_cell(row, column) for column in columns]
         if mixed:
             cells.append(protocol.describe(protocol.protocol_of(row)))
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _cases_lines(rows)
+    lines += _score_lines(rows)
     lines += ["", protocol.table_line(rows)]
     return "\n".join(lines) + "\n"
+
+
+def _cell(row: dict[str, Any], column: str) -> str:
+    """A table cell: a float to 3 places, ``n/a`` where the row cannot have the value."""
+    value = row.get(column)
+    if value is None and column in row:
+        return "n/a"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _cases_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The cases the rows were measured on: data, filters, hash of the case list; and that
+    each mean comes with its 95% bootstrap interval when the rows carry them."""
+    digests = {row.get("data_sha256") for row in rows}
+    if len(digests) != 1 or None in digests:
+        return []
+    row = rows[0]
+    filters = [f"first {row['limit']}" for _ in [0] if row.get("limit") is not None]
+    filters += ["known to the model only"] if row.get("known_only") else []
+    shown = f" ({', '.join(filters)})" if filters else ""
+    line = f"Cases: {row.get('data') or 'given'}{shown}, sha256 {str(row['data_sha256'])[:12]}"
+    if row.get("heldout"):
+        line += f"; perplexity_ratio on {row['heldout']}"
+    if any(key.endswith("_ci95") for key in row):
+        line += "; each mean's 95% bootstrap interval is in summary.json (<metric>_ci95)"
+    return ["", line + "."]
+
+
+def case_set_problem(earlier: Sequence[dict[str, Any]], data_sha256: str) -> str | None:
+    """Why this run's cases (their hash) may not join the ``earlier`` table (``--append``):
+    a table compares methods on one case list; None when the lists are the same."""
+    found = {row.get("data_sha256") for row in earlier}
+    if not earlier or found == {data_sha256}:
+        return None
+    there = ", ".join(sorted(str(d)[:12] for d in found))
+    return (
+        f"--append: the table in summary.json was measured on other cases (data_sha256 {there} "
+        f"there, {data_sha256[:12]} here); write this run to another --output"
+    )
+
+
+def _score_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """What each row's Score is the harmonic mean of, when not every row's is ES, PS, NS."""
+    by_source: dict[str, list[str]] = {}
+    for row in rows:
+        by_source.setdefault(str(row.get("score_from", "ES, PS, NS")), []).append(row["method"])
+    if set(by_source) <= {"ES, PS, NS"}:
+        return []
+    said = "; ".join(f"{', '.join(methods)}: {src}" for src, methods in by_source.items())
+    return [
+        "",
+        f"Score: harmonic mean of {said}. NS is n/a where the edit cannot reach the plain "
+        "neighbourhood prompts (it keys on the subject's mention or swaps the subject); NS+ "
+        "reads them after the edit's statement (CounterFact+).",
+    ]
 
 
 def write_outputs(

@@ -8,17 +8,17 @@ model is restored before the next group, exceptions included.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from tqdm.auto import tqdm
 
 from remedi.data import EditCase
 from remedi.metrics import evaluate_cases
-from remedi.metrics.rows import EditContext
+from remedi.metrics.perplexity import perplexity
+from remedi.metrics.rows import renumbered
+from remedi.metrics.specificity import compared_with_reference
 from remedi.models import LoadedModel
 from remedi.registry import Edited, Method
 
@@ -61,11 +61,28 @@ def run_method(
                 scored = [edited.scored_case(i, case) for i, case in enumerate(group)]
                 kept = [i for i, case in enumerate(scored) if case is not None]
                 shown = [case for case in scored if case is not None]
-                row_edit = _renumbered(edited.row_edit, kept, len(group))
+                row_edit = renumbered(edited.row_edit, kept)
                 if shown:
                     _, per_case = evaluate_cases(
-                        lm.model, lm.tokenizer, shown, edit=row_edit, batch_size=env.batch_size
+                        lm.model,
+                        lm.tokenizer,
+                        shown,
+                        edit=row_edit,
+                        batch_size=env.batch_size,
+                        plus=env.references is not None,
                     )
+                    if env.references is not None:
+                        reference = [env.references[first + i] for i in kept]
+                        found = compared_with_reference(
+                            lm.model, lm.tokenizer, shown, reference, row_edit, env.batch_size
+                        )
+                        for metrics, extra in zip(per_case, found, strict=True):
+                            metrics.update(extra)
+                    if env.heldout is not None:
+                        edited_perplexity = perplexity(lm, env.heldout, edited.text_prefix())
+                        ratio = edited_perplexity / env.heldout_perplexity
+                        for metrics in per_case:
+                            metrics["perplexity_ratio"] = ratio
                     for i, metrics in zip(kept, per_case, strict=True):
                         result.per_case[first + i] = metrics
                 result.skipped += [first + i for i in range(len(group)) if i not in kept]
@@ -75,17 +92,3 @@ def run_method(
                     under_edit(range(first, first + len(group)), edited)
             bar.update(len(group))
     return result
-
-
-def _renumbered(edit: EditContext | None, kept: list[int], n: int) -> EditContext | None:
-    """``edit`` seeing each scored row's index among all requests of the edit, when some
-    requests were left unscored (rows are numbered by the scored cases)."""
-    if edit is None or len(kept) == n:
-        return edit
-    inner = edit
-
-    def context(batch: Any, rows: Sequence[Any]) -> Any:
-        moved = [dataclasses.replace(row, case_index=kept[row.case_index]) for row in rows]
-        return inner(batch, moved)
-
-    return context

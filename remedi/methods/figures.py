@@ -100,9 +100,12 @@ SUMMARY_BARS = {
     "efficacy_score": "ES",
     "paraphrase_score": "PS",
     "neighborhood_score": "NS",
+    "neighborhood_plus_score": "NS+",
     "score": "Score",
 }
 """The summary-table columns :func:`summary_bars` draws, with their short names."""
+OPTIONAL_BARS = ("neighborhood_plus_score",)
+"""Columns drawn only when some row has them (tables written before CounterFact+)."""
 ZSRE_SUMMARY_BARS = {
     "efficacy_accuracy": "Efficacy",
     "paraphrase_accuracy": "Paraphrase",
@@ -111,19 +114,41 @@ ZSRE_SUMMARY_BARS = {
 """The columns drawn for a zsRE table (teacher-forced token accuracies)."""
 
 
+def _error(row: Mapping[str, Any], column: str) -> tuple[float, float]:
+    """``(below, above)`` the value of ``column`` that its ``_ci95`` interval reaches."""
+    interval, value = row.get(f"{column}_ci95"), row.get(column)
+    if not interval or value is None:
+        return (0.0, 0.0)
+    return (max(0.0, float(value) - interval[0]), max(0.0, interval[1] - float(value)))
+
+
 def summary_bars(rows: Sequence[Mapping[str, Any]]) -> Figure:
     """Grouped bars of an evaluation table: one group per method (in ``rows`` order), one bar per
-    score in :data:`SUMMARY_BARS` (:data:`ZSRE_SUMMARY_BARS` for a zsRE table); a missing score
-    leaves a gap rather than a misleading zero."""
+    score in :data:`SUMMARY_BARS` (:data:`ZSRE_SUMMARY_BARS` for a zsRE table; the
+    :data:`OPTIONAL_BARS` where some row has them); a missing score (n/a) leaves a gap rather
+    than a misleading zero, and a row's ``<score>_ci95`` interval is drawn as an error bar."""
     methods = [str(row["method"]) for row in rows]
     zsre = any("efficacy_accuracy" in row for row in rows)
     columns = ZSRE_SUMMARY_BARS if zsre else SUMMARY_BARS
+    columns = {
+        c: label
+        for c, label in columns.items()
+        if c not in OPTIONAL_BARS or any(c in row for row in rows)
+    }
     width = 0.8 / len(columns)
     fig = Figure(figsize=(max(4.0, 1.2 * len(methods) + 1.5), 3.5))
     ax = fig.add_subplot()
     for j, (column, label) in enumerate(columns.items()):
         values = [math.nan if row.get(column) is None else float(row[column]) for row in rows]
-        bars = ax.bar([i + j * width for i in range(len(methods))], values, width, label=label)
+        errors = [_error(row, column) for row in rows]
+        bars = ax.bar(
+            [i + j * width for i in range(len(methods))],
+            values,
+            width,
+            label=label,
+            yerr=list(zip(*errors, strict=True)) if any(e != (0.0, 0.0) for e in errors) else None,
+            error_kw={"elinewidth": 0.8, "capsize": 1.5},
+        )
         labels = ["" if math.isnan(v) else f"{v:.2f}" for v in values]
         ax.bar_label(bars, labels=labels, fontsize=7, padding=1)
     ax.set_xticks([i + width * (len(columns) - 1) / 2 for i in range(len(methods))], methods)

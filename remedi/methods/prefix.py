@@ -41,9 +41,11 @@ class Prefixed(Edited):
     def generation(self, index: int) -> tuple[str, GenerationEdit | None]:
         return statement(self.cases[index]), None
 
+    def text_prefix(self) -> str:
+        return "".join(statement(case) for case in self.cases)
+
     def generate(self, prompt: str, max_new_tokens: int = 20, **kwargs: Any) -> str:
-        context = "".join(statement(case) for case in self.cases)
-        return super().generate(context + prompt, max_new_tokens, **kwargs)
+        return super().generate(self.text_prefix() + prompt, max_new_tokens, **kwargs)
 
 
 @register

@@ -87,6 +87,7 @@ class Remedi(TrainedMethod):
     Settings = RemediSettings
     lightning_module = "lightning_modules.remedi_module:RemediModule"
     edits_input = True
+    edits_neighbors = False
     group_size = None
 
     def build(self, lm: LoadedModel, found: TrainedCheckpoint) -> Editor:

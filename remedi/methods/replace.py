@@ -107,6 +107,7 @@ class Replace(Method):
     timed = False
     summary = "no edit: another subject whose true object is target_new put in (REMEDI's baseline)"
     edits_input = True
+    edits_neighbors = False
     group_size = 8
 
     @contextmanager

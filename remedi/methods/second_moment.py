@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from remedi.atomic import atomic_path, write_text
 from remedi.hooks import Site, intervene
-from remedi.models import LoadedModel, cache_dir
+from remedi.models import LoadedModel, cache_dir, max_positions
 from remedi.models.loading import cache_lock
 
 log = logging.getLogger(__name__)
@@ -293,16 +293,6 @@ def token_chunks(
             return
     if buffer and left > 0:
         yield torch.tensor([prefix + buffer[:left]]), len(prefix)
-
-
-def max_positions(lm: LoadedModel) -> int:
-    """The longest sequence the model's position embeddings allow (large if unbounded)."""
-    config = lm.model.config
-    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return 1 << 30
 
 
 def _slug(text: str) -> str:

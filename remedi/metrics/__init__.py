@@ -2,12 +2,14 @@
 
 from remedi.metrics.counterfact import (
     METRIC_NAMES,
+    PLUS_NAMES,
     SCORE_NAMES,
     case_metrics,
     case_rows,
     evaluate_cases,
     harmonic_mean,
     metric_names,
+    plus_prompt,
     row_probabilities,
     summarize,
 )
@@ -34,6 +36,7 @@ __all__ = [
     "GENERATION_LENGTHS",
     "GENERATION_METRIC_NAMES",
     "METRIC_NAMES",
+    "PLUS_NAMES",
     "SCORE_NAMES",
     "ZSRE_METRIC_NAMES",
     "EditContext",
@@ -50,6 +53,7 @@ __all__ = [
     "harmonic_mean",
     "metric_names",
     "ngram_entropy",
+    "plus_prompt",
     "reference_corpus",
     "reference_texts",
     "reference_vectorizer",

@@ -21,6 +21,7 @@ from remedi.metrics.zsre import ZSRE_METRIC_NAMES, evaluate_zsre
 
 __all__ = [
     "METRIC_NAMES",
+    "PLUS_NAMES",
     "SCORE_NAMES",
     "EditContext",
     "RowKind",
@@ -31,6 +32,7 @@ __all__ = [
     "evaluate_cases",
     "harmonic_mean",
     "metric_names",
+    "plus_prompt",
     "row_probabilities",
     "summarize",
 ]
@@ -40,6 +42,10 @@ Scoring = Literal["mean", "first"]
 probability of the target's first token that carries text (as REMEDI's reference evaluation
 scores the first token; see :meth:`remedi.tokens.ContinuationBatch.first_target_ids`)."""
 SCORE_NAMES = ("efficacy_score", "paraphrase_score", "neighborhood_score")
+PLUS_NAMES = ("neighborhood_plus_score", "neighborhood_plus_magnitude")
+"""CounterFact+ (Hoelscher-Obermaier et al. 2023): the neighbourhood prompts read after the edit's
+statement (:func:`plus_prompt`), so an edit that lives in the input or keys on the subject's
+mention runs on them too."""
 METRIC_NAMES = (
     "efficacy_score",
     "efficacy_magnitude",
@@ -56,10 +62,11 @@ def metric_names(benchmark: Benchmark) -> tuple[str, ...]:
     return ZSRE_METRIC_NAMES if benchmark == "zsre" else METRIC_NAMES
 
 
-def case_rows(case: EditCase, case_index: int = 0) -> list[ScoredRow]:
-    """The rows that score one case: each prompt with target_new and with the true object.
+def case_rows(case: EditCase, case_index: int = 0, plus: bool = False) -> list[ScoredRow]:
+    """The rows that score one case: each prompt with target_new and with the true object
+    (with ``plus``, also each neighbourhood prompt after the edit's statement, CounterFact+).
 
-    The rewrite row locates the subject where the template's ``{}`` is."""
+    The rewrite (and CounterFact+) rows locate the subject where the template's ``{}`` is."""
     assert case.target_new is not None, f"case {case.case_id} has no target_new to score"
     rows: list[ScoredRow] = []
     prompts: list[tuple[RowKind, str, str | None, str, int | None]] = [
@@ -71,10 +78,21 @@ def case_rows(case: EditCase, case_index: int = 0) -> list[ScoredRow]:
         ("neighborhood", p, None, t, None)
         for p, t in zip(case.neighborhood_prompts, truths, strict=True)
     ]
+    if plus:
+        prompts += [
+            ("neighborhood_plus", plus_prompt(case, p), case.subject, t, case.subject_start)
+            for p, t in zip(case.neighborhood_prompts, truths, strict=True)
+        ]
     for kind, prompt, subject, truth, start in prompts:
         for target in (case.target_new, truth):
             rows.append(ScoredRow(case_index, kind, prompt, subject, target, start))
     return rows
+
+
+def plus_prompt(case: EditCase, prompt: str) -> str:
+    """A neighbourhood ``prompt`` read after the edit's statement (CounterFact+): the statement,
+    ``". "``, then the prompt; the subject sits where the statement's template puts it."""
+    return f"{case.edit_statement}. {prompt}"
 
 
 def row_probabilities(
@@ -110,11 +128,12 @@ def case_metrics(rows: Sequence[ScoredRow], probs: torch.Tensor) -> list[dict[st
             ("rewrite", "efficacy"),
             ("paraphrase", "paraphrase"),
             ("neighborhood", "neighborhood"),
+            ("neighborhood_plus", "neighborhood_plus"),
         ):
             pairs = kinds.get(kind)
             if not pairs:
                 continue
-            sign = -1.0 if kind == "neighborhood" else 1.0
+            sign = -1.0 if kind.startswith("neighborhood") else 1.0
             diffs = [sign * (new - true) for new, true in pairs]
             metrics[f"{name}_score"] = sum(d > 0 for d in diffs) / len(diffs)
             metrics[f"{name}_magnitude"] = sum(diffs) / len(diffs)
@@ -133,7 +152,8 @@ def summarize(per_case: Sequence[dict[str, float]]) -> dict[str, float]:
     """Mean of each metric over the cases that have it; for CounterFact cases also ``score`` =
     the harmonic mean of the three scores (zsRE tables have no such summary)."""
     summary: dict[str, float] = {}
-    for name in (*METRIC_NAMES[:-1], *ZSRE_METRIC_NAMES):
+    extra = (*PLUS_NAMES, "neighborhood_kl", "perplexity_ratio", "locality_agreement")
+    for name in (*METRIC_NAMES[:-1], *extra, *ZSRE_METRIC_NAMES):
         values = [m[name] for m in per_case if name in m]
         if values:
             summary[name] = sum(values) / len(values)
@@ -151,8 +171,10 @@ def evaluate_cases(
     edit: EditContext | None = None,
     batch_size: int = 32,
     scoring: Scoring = "mean",
+    plus: bool = False,
 ) -> tuple[dict[str, float], list[dict[str, float]]]:
-    """Score ``cases`` under ``edit`` (None: the model as it is); return summary, per-case.
+    """Score ``cases`` under ``edit`` (None: the model as it is); return summary, per-case
+    (with ``plus``, CounterFact cases also get the CounterFact+ neighbourhood, :data:`PLUS_NAMES`).
 
     Each case is scored by its benchmark's metrics: CounterFact's probability comparisons, or
     zsRE's token accuracies (:func:`remedi.metrics.zsre.evaluate_zsre`; ``scoring`` does not
@@ -162,7 +184,7 @@ def evaluate_cases(
     counterfact = [i for i, c in enumerate(cases) if c.benchmark != "zsre"]
     zsre = [i for i, c in enumerate(cases) if c.benchmark == "zsre"]
     if counterfact:
-        rows = [row for i in counterfact for row in case_rows(cases[i], i)]
+        rows = [row for i in counterfact for row in case_rows(cases[i], i, plus)]
         probs = row_probabilities(model, tokenizer, rows, edit, batch_size, scoring)
         for i, metrics in zip(counterfact, case_metrics(rows, probs), strict=True):
             per_case[i] = metrics

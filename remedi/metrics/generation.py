@@ -35,6 +35,7 @@ from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from functools import cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -108,21 +109,25 @@ def reference_corpus() -> list[str]:
 
 
 @cache
-def reference_vectorizer() -> TfidfVectorizer:
+def reference_vectorizer(corpus: str | None = None) -> TfidfVectorizer:
     """The one tf-idf vectoriser of the reference score: scikit-learn's ``TfidfVectorizer``
-    with its default settings, fitted once per process on :func:`reference_corpus`.
+    with its default settings, fitted once per process and corpus.
 
-    Why this corpus: RS compares samples with statements of facts, and these are statements of
-    facts of the same kind (ROME fitted its idf on its reference snippets too); it is shipped
-    with remedi, so it is offline and the same for every method and every run, unlike an idf
-    fitted on each method's own samples; and its vocabulary holds the subjects and objects of
-    the built-in facts, the default data. The Python documentation (the default corpus of the
-    second-moment statistics) was not chosen: its vocabulary lacks most entity names, so the
-    very words RS must notice (the new object) would be ignored. Words of other datasets that
-    are not in this vocabulary are ignored likewise: RS on them rests on the shared words.
+    ``corpus`` names a text file (one document per non-blank line, e.g. WikiText or Wikipedia
+    articles, as the ROME paper fits its idf on Wikipedia), the same for every method of a
+    table and named in its protocol. None (the default, offline and shipped) fits it on
+    :func:`reference_corpus`, the statements of the built-in facts: facts of the same kind RS
+    compares samples with, whose vocabulary holds the default data's subjects and objects; words
+    of other datasets outside it are ignored, so RS on them rests on the shared words. The
+    Python documentation (the statistics' default corpus) is not used: its vocabulary lacks most
+    entity names, the very words RS must notice.
     """
     vectorizer = TfidfVectorizer()
-    vectorizer.fit(reference_corpus())
+    if corpus is None:
+        vectorizer.fit(reference_corpus())
+    else:
+        text = Path(corpus).read_text(encoding="utf-8", errors="replace")
+        vectorizer.fit([line for line in text.splitlines() if line.strip()])
     return vectorizer
 
 

@@ -12,17 +12,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import torch
 from torch import nn
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from remedi.tokens import ContinuationBatch, ContinuationScores, encode_continuations
+from remedi.tokens import ContinuationBatch, encode_continuations
 from remedi.tokens import score_continuations as _score
 
-RowKind = Literal["rewrite", "paraphrase", "neighborhood"]
+RowKind = Literal["rewrite", "paraphrase", "neighborhood", "neighborhood_plus"]
 
 
 @dataclass(frozen=True)
@@ -50,9 +50,11 @@ def scored_chunks(
     rows: Sequence[ScoredRow],
     edit: EditContext | None = None,
     batch_size: int = 32,
-) -> Iterator[tuple[list[int], ContinuationScores]]:
+    scorer: Callable[[nn.Module, ContinuationBatch], Any] = _score,
+) -> Iterator[tuple[list[int], Any]]:
     """Score ``rows`` in batches of at most ``batch_size`` under ``edit``; yields the row
-    indices of each batch with its scores.
+    indices of each batch with its scores (``scorer``'s result: by default the targets'
+    :class:`~remedi.tokens.ContinuationScores`).
 
     Rows that mention a subject and rows that do not go into separate batches, so every batch
     with subjects carries their token spans, located by :func:`remedi.tokens.subject_char_span`
@@ -76,5 +78,19 @@ def scored_chunks(
             )
             context = nullcontext() if edit is None else edit(batch, chunk)
             with torch.no_grad(), context:
-                scores = _score(model, batch)
+                scores = scorer(model, batch)
             yield indices, scores
+
+
+def renumbered(edit: EditContext | None, kept: Sequence[int]) -> EditContext | None:
+    """``edit`` for rows numbered among a subset of its cases: row ``case_index`` ``j`` is case
+    ``kept[j]`` of the edit (unchanged when ``kept`` is ``0..n-1``)."""
+    if edit is None or list(kept) == list(range(len(kept))):
+        return edit
+    inner = edit
+
+    def context(batch: ContinuationBatch, rows: Sequence[ScoredRow]) -> Any:
+        moved = [replace(row, case_index=kept[row.case_index]) for row in rows]
+        return inner(batch, moved)
+
+    return context

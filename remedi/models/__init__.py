@@ -12,6 +12,7 @@ from remedi.models.loading import (
     LoadedModel,
     cache_dir,
     load_model,
+    max_positions,
     resolve_dtype,
     wrap_model,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "arch_for",
     "cache_dir",
     "load_model",
+    "max_positions",
     "register_architecture",
     "resolve_dtype",
     "supported_model_types",

@@ -560,3 +560,13 @@ def wrap_model(
 ) -> LoadedModel:
     """Freeze an already-built model (e.g. a tiny random one in tests) as a :class:`LoadedModel`."""
     return _finish(model, tokenizer, spec, time.perf_counter())
+
+
+def max_positions(lm: LoadedModel) -> int:
+    """The longest sequence the model's position embeddings allow (large if unbounded)."""
+    config = lm.model.config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1 << 30
