@@ -98,6 +98,7 @@ POSITIVE_FLAGS = (
     "--ft-steps",
     "--ft-eps",
     "--generation-tokens",
+    "--seeds",
 )
 """Flags whose value, when given, must be positive."""
 
@@ -362,8 +363,15 @@ def _add_output_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--heldout-tokens",
         type=int,
-        default=1024,
+        default=512,
         help="tokens of the held-out text scored after each edit (0: no perplexity_ratio)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="run methods that draw at random (replace's partners) with this many seeds; their "
+        "row keeps seed 0's means and adds each mean's standard deviation over the seeds",
     )
     p.add_argument(
         "--no-plus",
@@ -502,6 +510,7 @@ def options(args: argparse.Namespace) -> Options:
         data=args.data,
         model=args.model,
         plus=not args.no_plus,
+        seeds=args.seeds,
         heldout_text=args.heldout_text,
         reference_corpus=args.reference_corpus,
         heldout_tokens=args.heldout_tokens,

@@ -169,6 +169,8 @@ class Method(ABC):
     is reported as n/a, the CounterFact+ neighbourhood standing in for it."""
     uses_statistics: ClassVar[bool] = False
     """True when the method reads second-moment statistics (the protocol names the source)."""
+    random: ClassVar[bool] = False
+    """True when the edit draws at random from ``environment.seed`` (``--seeds`` reruns it)."""
     writes_weights: ClassVar[bool] = False
     """True when the edit lives in the weights (``remedi.edit`` can save the edited model)."""
     timed: ClassVar[bool] = True

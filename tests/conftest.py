@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 # The suite runs offline: set before transformers and huggingface_hub read them at import.
@@ -314,3 +315,17 @@ def score_method(
         progress=progress,
     )
     return run_method(lm, chosen, cases)
+
+
+def target_probability(lm: Any, prompt: str, target: str) -> float:
+    """P(target | prompt) computed without remedi's scoring: the model's full forward on
+    ``prompt + " " + target``, the target's tokens found by character offsets, exp of their
+    mean log-probability (an independent check of the metrics)."""
+    text = f"{prompt} {target}"
+    encoded = lm.tokenizer(text, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    first = next(j for j, (start, end) in enumerate(offsets) if start >= len(prompt) and end > 0)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(lm.model(torch.tensor([ids])).logits[0].float(), -1)
+    picked = [float(logprobs[j - 1, ids[j]]) for j in range(first, len(ids))]
+    return math.exp(sum(picked) / len(picked))

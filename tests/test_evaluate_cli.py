@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from conftest import COUNTERFACT_RECORDS as RECORDS
-from conftest import forbid_model_load, score_method, tiny_model
+from conftest import forbid_model_load, score_method, target_probability, tiny_model
 
+import remedi
 from remedi import evaluate
 from remedi.cli import UsageError
 from remedi.data import load_builtin, load_cases, parse_records
@@ -61,6 +63,13 @@ def test_table_for_several_methods(setup: dict[str, Path]) -> None:
     assert len(table) == 6 + len(methods) and table[0].startswith("| method")
     assert table[-3].startswith(f"Cases: {setup['data']}, sha256 ")
     assert table[-1].startswith("Protocol: CounterFact probability comparisons, scoring mean")
+    model = remedi.load_model(str(setup["model"]))
+    margins = [
+        target_probability(model, c.rewrite_prompt, str(c.target_new))
+        - target_probability(model, c.rewrite_prompt, c.target_true)
+        for c in load_cases(setup["data"])
+    ]
+    assert summary[0]["efficacy_magnitude"] == pytest.approx(sum(margins) / 2, abs=1e-5)
     settings = {row["method"]: row.get("settings") for row in summary}
     assert settings["none"] is None and settings["prefix"] is None
     assert settings["rome"]["layer"] == 1 and settings["rome"]["steps"] == 3
@@ -357,6 +366,23 @@ def test_zsre_data_gets_a_zsre_table(setup: dict[str, Path], capsys: pytest.Capt
     header = (setup["out"] / "summary.md").read_text().splitlines()[0]
     assert "specificity_accuracy" in header and "neighborhood_score" not in header
     assert "(efficacy accuracy " in capsys.readouterr().out
+    model = remedi.load_model(str(setup["model"]))
+    by_hand = [_top1_accuracy(model, r["src"], r["alt"]) for r in ZSRE_RECORDS]
+    none = next(row for row in summary if row["method"] == "none")
+    assert none["efficacy_accuracy"] == pytest.approx(sum(by_hand) / len(by_hand))
+
+
+def _top1_accuracy(lm: Any, prompt: str, target: str) -> float:
+    """The share of ``target``'s tokens that the model's own logits rank first after
+    ``prompt`` (teacher-forced), found by character offsets, without remedi's scoring."""
+    text = f"{prompt} {target}"
+    encoded = lm.tokenizer(text, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    first = next(j for j, (start, end) in enumerate(offsets) if start >= len(prompt) and end > 0)
+    with torch.no_grad():
+        logits = lm.model(torch.tensor([ids])).logits[0]
+    hits = [int(logits[j - 1].argmax()) == ids[j] for j in range(first, len(ids))]
+    return sum(hits) / len(hits)
 
 
 ZSRE_COLUMNS = ("efficacy_accuracy", "paraphrase_accuracy", "specificity_accuracy")

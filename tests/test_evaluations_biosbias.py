@@ -80,3 +80,18 @@ def test_biosbias_command_writes_both_settings(trained: dict[str, Path]) -> None
         assert row["n_cases"] == 3 and row["top1_accuracy"] <= row["topk_accuracy"]
         assert row["generation"] == "6 new tokens"
     assert len((out / "cases.jsonl").read_text().splitlines()) == 12
+    # each row's accuracies recomputed from its cases' ranked predictions and targets
+    records = [json.loads(line) for line in (out / "cases.jsonl").read_text().splitlines()]
+    for row in rows:
+        mine = [
+            r for r in records if (r["method"], r["setting"]) == (row["method"], row["setting"])
+        ]
+        assert len(mine) == 3
+        top1 = sum(r["predictions"][0] == r["target"] for r in mine) / 3
+        topk = sum(r["target"] in r["predictions"] for r in mine) / 3
+        assert (row["top1_accuracy"], row["topk_accuracy"]) == (
+            pytest.approx(top1),
+            pytest.approx(topk),
+        )
+        fluency = sum(r["fluency"] for r in mine) / 3
+        assert row["fluency"] == pytest.approx(fluency)

@@ -128,6 +128,22 @@ def test_probe_command_writes_the_table_with_both_controls(trained: dict[str, Pa
     table = (out / "summary.md").read_text().splitlines()
     assert table[-1].startswith("Protocol: REMEDI probe (Fact-Med / Fact-Prior) classification")
     assert len((out / "cases.jsonl").read_text().splitlines()) == 4 * 2
+    # each true-label row's accuracy and MCC recomputed from its per-case records: the
+    # prediction is the score comparison, the metrics scikit-learn's
+    from sklearn.metrics import accuracy_score, matthews_corrcoef
+
+    records = [json.loads(line) for line in (out / "cases.jsonl").read_text().splitlines()]
+    for row in (r for r in rows if r["labels"] == "true"):
+        mine = [x for x in records if x["method"] == row["method"] and x["task"] == row["task"]]
+        for x in mine:
+            holds_new = x["score_new"] > x["score_true"]
+            assert x["predicted_fails"] == (
+                not holds_new if row["task"] == "fact-med" else holds_new
+            )
+        truth = [x["lm_fails"] for x in mine]
+        guess = [x["predicted_fails"] for x in mine]
+        assert row["accuracy"] == pytest.approx(accuracy_score(truth, guess))
+        assert row["mcc"] == pytest.approx(matthews_corrcoef(truth, guess), abs=1e-9)
 
 
 def test_probe_mistakes_stop_before_the_model_loads(

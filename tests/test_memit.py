@@ -50,9 +50,20 @@ def test_batch_edit_writes_every_layer_and_restores_bitwise() -> None:
 
 
 def test_default_layers() -> None:
+    """GPT-J's reference layers 3-8; elsewhere the four layers ending at ROME's layer, which
+    sits at the measured fraction of the depth."""
+    from types import SimpleNamespace
+
+    from remedi.methods import rome
+
+    gptj = SimpleNamespace(arch=SimpleNamespace(model_type="gptj", num_layers=28))
+    assert memit.default_layers(gptj) == [3, 4, 5, 6, 7, 8]  # type: ignore[arg-type]
+    deep = SimpleNamespace(arch=SimpleNamespace(model_type="llama", num_layers=40))
+    last = round(rome.DEFAULT_LAYER_FRACTION * 40)
+    assert memit.default_layers(deep) == [last - 3, last - 2, last - 1, last]  # type: ignore[arg-type]
     lm = tiny_model("llama")
-    layers = memit.default_layers(lm)
-    assert layers and all(0 <= x < lm.arch.num_layers for x in layers)
+    top = rome.default_layer(lm)
+    assert memit.default_layers(lm) == list(range(max(0, top - 3), top + 1))
 
 
 def test_post_norm_mapping_reaches_a_direction_change() -> None:

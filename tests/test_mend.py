@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import lightning_trainer, tiny_model
+from conftest import lightning_trainer, target_probability, tiny_model
 from lightning.pytorch.callbacks import ModelCheckpoint
 from test_datamodules import write_rome
 
@@ -246,6 +246,20 @@ def test_evaluate_scores_a_trained_editor_in_the_table(saved: dict[str, Path]) -
     rows = json.loads((saved["out"] / "summary.json").read_text())
     assert [r["method"] for r in rows] == ["none", "mend"]
     assert rows[1]["seconds_per_edit"] > 0 and 0.0 <= rows[1]["efficacy_score"] <= 1.0
+    # the same edits made by hand: the trained editor loaded through the registry, each case
+    # edited on its own, its probabilities read from the model's own logits
+    import remedi
+
+    lm = remedi.load_model(str(saved["model"]))
+    mend = remedi.editor("mend", checkpoint=saved["ckpt"])
+    margins = []
+    for case in remedi.load_cases(saved["data"])[:2]:
+        with mend.edit(lm, [case]):
+            new = target_probability(lm, case.rewrite_prompt, str(case.target_new))
+            true = target_probability(lm, case.rewrite_prompt, case.target_true)
+        margins.append(new - true)
+    assert rows[1]["efficacy_magnitude"] == pytest.approx(sum(margins) / 2, abs=1e-5)
+    assert rows[1]["efficacy_magnitude"] != pytest.approx(rows[0]["efficacy_magnitude"], abs=1e-7)
 
 
 def test_evaluate_refuses_a_checkpoint_of_another_method(

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from contextlib import contextmanager
-from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import target_probability, tiny_model
 
 from remedi.data import EditCase
 from remedi.metrics import (
@@ -44,20 +42,6 @@ def test_rows_pair_new_and_true() -> None:
     assert all(r.subject is None for r in rows if r.kind == "neighborhood")
 
 
-def _by_hand(lm: Any, prompt: str, target: str) -> float:
-    """P(target | prompt) computed without the product's scoring: the model's full forward on
-    ``prompt + " " + target``, the target's tokens found by character offsets, exp of their
-    mean log-probability."""
-    text = f"{prompt} {target}"
-    encoded = lm.tokenizer(text, return_offsets_mapping=True)
-    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
-    first = next(j for j, (start, end) in enumerate(offsets) if start >= len(prompt) and end > 0)
-    with torch.no_grad():
-        logprobs = torch.log_softmax(lm.model(torch.tensor([ids])).logits[0].float(), -1)
-    picked = [float(logprobs[j - 1, ids[j]]) for j in range(first, len(ids))]
-    return math.exp(sum(picked) / len(picked))
-
-
 def test_scores_match_a_by_hand_computation() -> None:
     """ES, PS, NS and the CounterFact+ NS against probabilities computed from the model's own
     logits (not through :mod:`remedi.tokens`)."""
@@ -66,8 +50,8 @@ def test_scores_match_a_by_hand_computation() -> None:
     assert set(METRIC_NAMES) <= set(summary)
     plus = [f"{CASE.edit_statement}. {p}" for p in CASE.neighborhood_prompts]
     prompts = [CASE.rewrite_prompt, *CASE.paraphrase_prompts, *CASE.neighborhood_prompts, *plus]
-    p_new = torch.tensor([_by_hand(lm, p, "France") for p in prompts])
-    p_true = torch.tensor([_by_hand(lm, p, "Japan") for p in prompts])
+    p_new = torch.tensor([target_probability(lm, p, "France") for p in prompts])
+    p_true = torch.tensor([target_probability(lm, p, "Japan") for p in prompts])
     assert per_case["efficacy_score"] == float(p_new[0] > p_true[0])
     assert per_case["efficacy_magnitude"] == pytest.approx(float(p_new[0] - p_true[0]), abs=1e-5)
     assert per_case["paraphrase_score"] == float((p_new[1:3] > p_true[1:3]).float().mean())

@@ -98,3 +98,25 @@ def test_evaluate_reports_replace_rows_and_skipped_cases(
     lines = [json.loads(x) for x in (out / "cases.jsonl").read_text().splitlines()]
     assert [r.get("skipped", False) for r in lines] == [False] * 3 + [True] * 2
     assert "2 skipped (no other subject of the same relation" in capsys.readouterr().out
+
+
+def test_seeds_rerun_the_partner_draw_and_report_the_spread() -> None:
+    """Paris has two partners (Tokyo, Osaka): over seeds the draw changes, and the row reports
+    seed 0's means with each mean's standard deviation over the seeds, computed here by hand."""
+    import statistics
+
+    import remedi
+    from remedi.evaluation.runner import run_method
+
+    lm = tiny_model("gpt2")
+    drawn = {replaced_cases(CASES[:1], CASES, seed=s)[0].subject for s in range(6)}  # type: ignore[union-attr]
+    assert drawn == {"Tokyo", "Osaka"}
+    (row,) = remedi.compare(lm, ["replace"], CASES[:1], pool=CASES, seeds=6, progress=False)
+    by_seed = []
+    for seed in range(6):
+        method = remedi.editor("replace")
+        method.environment.pool, method.environment.seed = CASES, seed
+        by_seed.append(run_method(lm, method, CASES[:1]).per_case[0]["efficacy_magnitude"])
+    assert row["seeds"] == 6 and row["efficacy_magnitude"] == pytest.approx(by_seed[0])
+    assert row["efficacy_magnitude_seed_std"] == pytest.approx(statistics.pstdev(by_seed))
+    assert row["efficacy_magnitude_seed_std"] > 0

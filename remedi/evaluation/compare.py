@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import statistics
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -63,6 +65,8 @@ class Options:
         dtype: the dtype the model was loaded in (named in the protocol).
         data: what the cases were read from (``--data``; named in each row).
         model: the model's name in the rows (None: the loaded model's spec).
+        seeds: methods that draw at random (``replace``) run this many times, seeds 0, 1, ...;
+            the row is seed 0's, with each mean's standard deviation over the seeds.
         plus: also score the CounterFact+ neighbourhood (each neighbourhood prompt after the
             edit's statement) and its next-token KL against the unedited model.
         reference_corpus: the text file the reference score's tf-idf is fitted on (one document
@@ -86,10 +90,11 @@ class Options:
     dtype: str = "float32"
     data: str | None = None
     model: str | None = None
+    seeds: int = 1
     plus: bool = True
     reference_corpus: str | None = None
     heldout_text: str = BUILTIN_TEXT
-    heldout_tokens: int = 1024
+    heldout_tokens: int = 512
     seed: int = 0
     progress: bool = True
     announce_statistics: bool = False
@@ -197,6 +202,8 @@ def evaluate(
         if result.skipped:
             row["n_cases"] = len(cases) - len(result.skipped)
             row["n_skipped"] = len(result.skipped)
+        if method.random and options.seeds > 1:
+            row.update(seed_spread(lm, method, cases, options, row, means))
         if options.generation:
             if samples is not None:
                 samples[method.name] = texts
@@ -209,6 +216,34 @@ def evaluate(
         rows.append(row)
         records += case_records(method.name, cases, result)
     return rows, records
+
+
+def seed_spread(
+    lm: LoadedModel,
+    method: Method,
+    cases: Sequence[EditCase],
+    options: Options,
+    row: dict[str, Any],
+    means: Sequence[str],
+) -> dict[str, Any]:
+    """The row's means again with seeds ``1 .. seeds-1`` (the row itself is seed 0): ``seeds``
+    and, per mean metric, ``<metric>_seed_std``, the standard deviation over the seeds."""
+    found: dict[str, list[float]] = {
+        name: [row[name]] for name in means if row.get(name) is not None
+    }
+    first_seed = method.environment.seed
+    try:
+        for seed in range(1, options.seeds):
+            method.environment.seed = first_seed + seed
+            summary = summarize(run_method(lm, method, cases).per_case)
+            for name, values in found.items():
+                values.append(summary.get(name, math.nan))
+    finally:
+        method.environment.seed = first_seed
+    spread: dict[str, Any] = {"seeds": options.seeds}
+    for name, values in found.items():
+        spread[f"{name}_seed_std"] = statistics.pstdev(values)
+    return spread
 
 
 SCORE_PARTS = {

@@ -108,6 +108,7 @@ class Replace(Method):
     summary = "no edit: another subject whose true object is target_new put in (REMEDI's baseline)"
     edits_input = True
     edits_neighbors = False
+    random = True
     group_size = 8
 
     @contextmanager
