@@ -193,9 +193,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         first, second = split_groups(kept_cases)
         repeated = [i for i in second if repeats_a_training_fact(kept_cases[i])]
         second = [i for i in second if i not in repeated]
+        reported = {c.subject for c in load_builtin("test")}
+        reported |= {kept_cases[i].subject for i in second}
+        overlapping = [i for i in first if kept_cases[i].subject in reported]
+        first = [i for i in first if i not in overlapping]
         lines += [
             f"Dropped from the second split, as facts of the built-in train or validation split "
-            f"(same subject and prompt): {len(repeated)}.",
+            f"(same subject and prompt): {len(repeated)}. Dropped from the first (tuning) split, "
+            f"as subjects of a reported split (the built-in test split): {len(overlapping)}.",
             "",
         ]
         for path, indices in zip(args.split, (first, second), strict=True):

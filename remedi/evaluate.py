@@ -73,6 +73,7 @@ from remedi.evaluation.compare import (
     evaluate,
     row_protocol,
     select_cases,
+    tuning_overlap,
 )
 from remedi.evaluation.outputs import (
     case_set_problem,
@@ -367,6 +368,13 @@ def _add_output_arguments(p: argparse.ArgumentParser) -> None:
         help="tokens of the held-out text scored after each edit (0: no perplexity_ratio)",
     )
     p.add_argument(
+        "--tuned-on",
+        default=None,
+        metavar="FILE|builtin[:SPLIT]",
+        help="the cases the methods' settings were chosen on; refused when they share an edited "
+        "subject with --data (never tune and report on the same cases); named in each row",
+    )
+    p.add_argument(
         "--seeds",
         type=int,
         default=1,
@@ -511,6 +519,7 @@ def options(args: argparse.Namespace) -> Options:
         model=args.model,
         plus=not args.no_plus,
         seeds=args.seeds,
+        tuned_on=args.tuned_on,
         heldout_text=args.heldout_text,
         reference_corpus=args.reference_corpus,
         heldout_tokens=args.heldout_tokens,
@@ -542,6 +551,10 @@ def prepare(args: argparse.Namespace) -> tuple[list[EditCase], list[dict[str, An
             f"--data {args.data}: case {missing[0]} has no target_new (known-facts records "
             "state a fact but request no edit)"
         )
+    if args.tuned_on is not None:
+        problem = tuning_overlap(load_data(args.tuned_on), cases)
+        if problem:
+            raise UsageError(f"--tuned-on {args.tuned_on}: {problem} (--data {args.data})")
     earlier = earlier_rows(args.output) if args.append else []
     family = metric_family(cases)
     planned = [row_protocol(m, family, options(args), args.model) for m in build_methods(args)]

@@ -65,6 +65,8 @@ class Options:
         dtype: the dtype the model was loaded in (named in the protocol).
         data: what the cases were read from (``--data``; named in each row).
         model: the model's name in the rows (None: the loaded model's spec).
+        tuned_on: the cases the settings were chosen on (named in each row; the command
+            refuses it when it shares a subject with the evaluated cases).
         seeds: methods that draw at random (``replace``) run this many times, seeds 0, 1, ...;
             the row is seed 0's, with each mean's standard deviation over the seeds.
         plus: also score the CounterFact+ neighbourhood (each neighbourhood prompt after the
@@ -90,6 +92,7 @@ class Options:
     dtype: str = "float32"
     data: str | None = None
     model: str | None = None
+    tuned_on: str | None = None
     seeds: int = 1
     plus: bool = True
     reference_corpus: str | None = None
@@ -259,6 +262,18 @@ def digest(value: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def tuning_overlap(tuned: Sequence[EditCase], reported: Sequence[EditCase]) -> str | None:
+    """Why settings chosen on ``tuned`` may not be reported on ``reported``: the edited subjects
+    they share (a shared case shares its subject too; case ids of different files are not
+    comparable); None when they share none."""
+    subjects = sorted({c.subject for c in tuned} & {c.subject for c in reported})
+    if not subjects:
+        return None
+    more = f" and {len(subjects) - 3} more" if len(subjects) > 3 else ""
+    shown = ", ".join(subjects[:3])
+    return f"shares {len(subjects)} subject(s) with the evaluated cases: {shown}{more}"
+
+
 def data_fields(cases: Sequence[EditCase], options: Options) -> dict[str, Any]:
     """What a row was measured on: the data named, the filters, and a hash of the exact case
     list (every field of every case, in order)."""
@@ -266,6 +281,7 @@ def data_fields(cases: Sequence[EditCase], options: Options) -> dict[str, Any]:
         "data": options.data,
         "limit": options.limit,
         "known_only": options.known_only,
+        "tuned_on": options.tuned_on,
         "data_sha256": digest([dataclasses.asdict(case) for case in cases]),
     }
 
