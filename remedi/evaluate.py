@@ -382,6 +382,13 @@ def _add_output_arguments(p: argparse.ArgumentParser) -> None:
         "row keeps seed 0's means and adds each mean's standard deviation over the seeds",
     )
     p.add_argument(
+        "--unrelated-tokens",
+        type=int,
+        default=40,
+        help="tokens sampled after each of a few unrelated prompts under each edit: their "
+        "generation entropy is unrelated_entropy (0: not measured)",
+    )
+    p.add_argument(
         "--no-plus",
         action="store_true",
         help="skip the CounterFact+ neighbourhood (NS+) and neighbourhood KL columns",
@@ -431,6 +438,8 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return f"--stats-tokens must be positive, got {args.stats_tokens}"
     if args.reference_corpus is not None and not Path(args.reference_corpus).is_file():
         return f"--reference-corpus: file not found: {args.reference_corpus}"
+    if args.unrelated_tokens < 0:
+        return f"--unrelated-tokens must be >= 0, got {args.unrelated_tokens}"
     if args.heldout_tokens < 0:
         return f"--heldout-tokens must be >= 0, got {args.heldout_tokens}"
     if args.heldout_text != "builtin" and not Path(args.heldout_text).is_file():
@@ -523,6 +532,7 @@ def options(args: argparse.Namespace) -> Options:
         heldout_text=args.heldout_text,
         reference_corpus=args.reference_corpus,
         heldout_tokens=args.heldout_tokens,
+        unrelated_tokens=args.unrelated_tokens,
         announce_statistics=True,
     )
 

@@ -89,6 +89,9 @@ class Environment:
     perplexity is not measured."""
     heldout_perplexity: float = 1.0
     """The unedited model's perplexity on :attr:`heldout`."""
+    unrelated_tokens: int = 0
+    """Tokens sampled after unrelated prompts under each edit for ``unrelated_entropy`` (0:
+    not measured)."""
     references: Sequence[Any] | None = None
     """Per evaluated case, the unedited next-token distributions of its CounterFact+ prompts
     (:func:`remedi.metrics.specificity.references`); None: CounterFact+ is not scored."""

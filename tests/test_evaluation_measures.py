@@ -185,3 +185,18 @@ def test_zsre_locality_prompts_are_never_the_questions_of_edited_records(tmp_pat
     assert [r["locality"] for r in rows] == [note, note]
     assert rows[0]["locality_agreement"] == 1.0
     assert 0.0 <= rows[1]["locality_agreement"] <= 1.0
+
+
+def test_unrelated_entropy_is_measured_under_each_edit() -> None:
+    """none's value is the unedited model's; prefix's is the model's after the edit's
+    statement: both computed here directly and compared with the rows."""
+    from remedi.methods.prefix import statement
+    from remedi.metrics.generation import unrelated_entropy
+
+    lm = tiny_model("llama")
+    cases = parse_records(RECORDS)[0][:1]
+    rows = remedi.compare(lm, ["none", "prefix"], cases, progress=False, unrelated_tokens=12)
+    assert rows[0]["unrelated_entropy"] == pytest.approx(unrelated_entropy(lm, 12))
+    expected = unrelated_entropy(lm, 12, statement(cases[0]))
+    assert rows[1]["unrelated_entropy"] == pytest.approx(expected)
+    assert rows[1]["unrelated_entropy"] != pytest.approx(rows[0]["unrelated_entropy"])

@@ -76,6 +76,8 @@ class Options:
         heldout_text: the held-out text whose perplexity each edit's ``perplexity_ratio`` is
             measured on: ``builtin`` (a short built-in passage) or a text file.
         heldout_tokens: its tokens scored (0: no perplexity).
+        unrelated_tokens: tokens sampled after each of a few unrelated prompts under each edit,
+            whose generation entropy is ``unrelated_entropy`` (0: not measured).
         seed: seed of methods that draw at random (``replace``'s partners).
         progress: show progress bars.
     """
@@ -98,6 +100,7 @@ class Options:
     reference_corpus: str | None = None
     heldout_text: str = BUILTIN_TEXT
     heldout_tokens: int = 512
+    unrelated_tokens: int = 40
     seed: int = 0
     progress: bool = True
     announce_statistics: bool = False
@@ -169,6 +172,9 @@ def evaluate(
     family = metric_family(cases)
     names = list(metric_names("zsre" if family == "zsre" else "counterfact"))
     text = HeldoutText(options.heldout_text, options.heldout_tokens)
+    environment.unrelated_tokens = options.unrelated_tokens
+    if options.unrelated_tokens > 0:
+        names.insert(len(names) - (family == "counterfact"), "unrelated_entropy")
     if options.heldout_tokens > 0:
         environment.heldout = windows(lm, text)
         environment.heldout_perplexity = perplexity(lm, environment.heldout)

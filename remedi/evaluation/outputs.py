@@ -25,7 +25,8 @@ def edit_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
     """The columns of an editing table (zsRE's for a zsRE table)."""
     zsre = any(name in row for row in rows for name in ZSRE_METRIC_NAMES)
     columns = ["method", "n_cases", *(ZSRE_METRIC_NAMES if zsre else METRIC_NAMES)]
-    extra = (*PLUS_NAMES[:1], "neighborhood_kl", "locality_agreement", "perplexity_ratio")
+    extra = [*PLUS_NAMES[:1], "neighborhood_kl", "locality_agreement", "perplexity_ratio"]
+    extra.append("unrelated_entropy")
     found = [name for name in extra if any(name in r for r in rows)]
     at = len(columns) if zsre else len(columns) - 1  # before Score, which ends a CounterFact row
     columns[at:at] = found

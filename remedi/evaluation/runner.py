@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from remedi.data import EditCase
 from remedi.metrics import evaluate_cases
+from remedi.metrics.generation import unrelated_entropy
 from remedi.metrics.perplexity import perplexity
 from remedi.metrics.rows import renumbered
 from remedi.metrics.specificity import compared_with_reference
@@ -78,6 +79,12 @@ def run_method(
                         )
                         for metrics, extra in zip(per_case, found, strict=True):
                             metrics.update(extra)
+                    if env.unrelated_tokens > 0:
+                        entropy = unrelated_entropy(
+                            lm, env.unrelated_tokens, edited.text_prefix(), env.seed
+                        )
+                        for metrics in per_case:
+                            metrics["unrelated_entropy"] = entropy
                     if env.heldout is not None:
                         edited_perplexity = perplexity(lm, env.heldout, edited.text_prefix())
                         ratio = edited_perplexity / env.heldout_perplexity

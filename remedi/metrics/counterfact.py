@@ -152,7 +152,8 @@ def summarize(per_case: Sequence[dict[str, float]]) -> dict[str, float]:
     """Mean of each metric over the cases that have it; for CounterFact cases also ``score`` =
     the harmonic mean of the three scores (zsRE tables have no such summary)."""
     summary: dict[str, float] = {}
-    extra = (*PLUS_NAMES, "neighborhood_kl", "perplexity_ratio", "locality_agreement")
+    extra = [*PLUS_NAMES, "neighborhood_kl", "perplexity_ratio", "unrelated_entropy"]
+    extra.append("locality_agreement")
     for name in (*METRIC_NAMES[:-1], *extra, *ZSRE_METRIC_NAMES):
         values = [m[name] for m in per_case if name in m]
         if values:

@@ -267,3 +267,30 @@ def summarize_generation(per_case: Sequence[dict[str, float]]) -> dict[str, floa
         values = [m[name] for m in per_case if name in m]
         summary[name] = sum(values) / len(values) if values else None
     return summary
+
+
+UNRELATED_PROMPTS = (
+    "The best way to bake bread at home is",
+    "On a quiet morning in the village, the children",
+    "The history of the railway began when",
+    "To keep a garden healthy through the winter,",
+)
+"""Prompts about nothing any benchmark edits: what an edited model writes after them shows
+whether the edit damaged its generation elsewhere."""
+
+
+def unrelated_entropy(lm: LoadedModel, tokens: int = 40, context: str = "", seed: int = 0) -> float:
+    """Mean generation entropy (:func:`text_entropy`) of ``tokens`` new tokens sampled after each
+    of :data:`UNRELATED_PROMPTS` (seeded; ``context``: text an input-side edit puts first)."""
+    prompts = list(UNRELATED_PROMPTS)
+    texts = generate_samples(
+        lm,
+        prompts,
+        [p.split()[0] for p in prompts],
+        max_tokens=tokens,
+        seed=seed,
+        context=context,
+        length="new",
+    )
+    new = [text[len(prompt) :] for text, prompt in zip(texts, prompts, strict=True)]
+    return sum(text_entropy(t) for t in new) / len(new)
