@@ -38,6 +38,7 @@ with its shuffled-label and identity-editor controls, McRae entailment, Bias in 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
@@ -512,29 +513,10 @@ def build_methods(args: argparse.Namespace) -> list[registry.Method]:
 
 
 def options(args: argparse.Namespace) -> Options:
-    """The evaluation options the flags give."""
-    return Options(
-        batch_size=args.batch_size,
-        known_only=args.known_only,
-        limit=args.limit,
-        corpus=args.corpus,
-        stats_tokens=args.stats_tokens,
-        no_stats=args.no_stats,
-        generation=args.generation,
-        generation_tokens=args.generation_tokens,
-        generation_length=getattr(args, "generation_length", "total"),
-        dtype=args.dtype,
-        data=args.data,
-        model=args.model,
-        plus=not args.no_plus,
-        seeds=args.seeds,
-        tuned_on=args.tuned_on,
-        heldout_text=args.heldout_text,
-        reference_corpus=args.reference_corpus,
-        heldout_tokens=args.heldout_tokens,
-        unrelated_tokens=args.unrelated_tokens,
-        announce_statistics=True,
-    )
+    """The evaluation options the flags give (each :class:`Options` field from the flag of the
+    same name; ``plus`` from ``--no-plus``)."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(Options) if f.name in args}
+    return Options(**given, plus=not args.no_plus, announce_statistics=True)
 
 
 def parse(argv: Sequence[str] | None) -> tuple[argparse.Namespace, bool]:
