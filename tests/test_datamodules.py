@@ -309,7 +309,11 @@ def test_mcrae_examples_pair_a_context_feature_with_another_co_occurring_one(
         ("An airplane is red.", "An airplane is a", "fruit"),
     ]
     dm.setup("fit")
-    assert len(dm.train_examples) + len(dm.val_examples) == len(examples) - 1
+    # whole concepts per split: no concept is trained on and tested (REMEDI's held-out concepts)
+    splits = [dm.train_examples, dm.val_examples, dm._test]
+    assert sum(len(x) for x in splits) == len(examples) and all(splits)
+    concepts = [{e.entity for e in x} for x in splits]
+    assert not (concepts[0] & concepts[1] or concepts[0] & concepts[2] or concepts[1] & concepts[2])
     bad = tmp_path / "bad.txt"
     bad.write_text("Word\tThing\n")
     with pytest.raises(ValueError, match="Concept"):

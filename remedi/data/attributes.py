@@ -20,14 +20,29 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 def split_three(
     items: list[RemediExample], n_val: int | None, n_test: int | None, seed: int
 ) -> tuple[list[RemediExample], list[RemediExample], list[RemediExample]]:
-    """Seeded train/validation/test split (10 % each for validation and test by default)."""
-    items = list(items)
-    random.Random(seed).shuffle(items)
+    """Seeded train/validation/test split by entity (10 % each for validation and test by
+    default): an entity's examples all go to one split, so no concept or person of the test
+    split is trained on. The entities are shuffled and taken whole, test first, until a split
+    holds at least its ``n`` examples (exactly ``n`` when each entity has one example)."""
+    groups: dict[str, list[RemediExample]] = {}
+    for item in items:
+        groups.setdefault(item.entity, []).append(item)
+    order = list(groups.values())
+    random.Random(seed).shuffle(order)
     n_val = n_val if n_val is not None else max(1, len(items) // 10)
     n_test = n_test if n_test is not None else max(1, len(items) // 10)
     if n_val + n_test >= len(items):
         raise ValueError(f"n_val + n_test = {n_val + n_test} leaves no training examples")
-    return items[n_val + n_test :], items[:n_val], items[n_val : n_val + n_test]
+    splits: list[list[RemediExample]] = [[], []]
+    taken = 0
+    for split, wanted in ((splits[0], n_val), (splits[1], n_test)):
+        while len(split) < wanted and taken < len(order):
+            split.extend(order[taken])
+            taken += 1
+    train = [item for group in order[taken:] for item in group]
+    if not train:
+        raise ValueError(f"n_val + n_test = {n_val + n_test} leaves no training entity")
+    return train, splits[0], splits[1]
 
 
 _PLAIN_GLOBALS = frozenset(
