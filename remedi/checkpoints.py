@@ -193,3 +193,28 @@ def load_trained(path: str | Path, method: str, model: str, hidden_size: int) ->
     if problem:
         raise CheckpointError(f"checkpoint {path}: {problem}")
     return TrainedCheckpoint(Path(path), saved)
+
+
+def export(checkpoint: str | Path, folder: str | Path) -> Path:
+    """Write a trained editor's checkpoint as a shipped folder: its editor weights (the
+    best-validation ones when the run validated) as ``editor.safetensors`` and its metadata and
+    hyperparameters as ``settings.json``; no optimiser state, no LM. Written to a staged folder
+    that replaces ``folder`` when complete. Loads wherever a checkpoint is taken."""
+    from safetensors.torch import save_file
+
+    from remedi.atomic import atomic_dir
+
+    saved = read(checkpoint)
+    state, _ = editor_state(saved)
+    settings = {
+        "remedi": normalised_meta(saved["remedi"]),
+        "hyper_parameters": {
+            k: v
+            for k, v in (saved.get("hyper_parameters") or {}).items()
+            if isinstance(v, (str, int, float, bool, list, type(None)))
+        },
+    }
+    with atomic_dir(Path(folder)) as staged:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(staged / WEIGHTS_FILE))
+        (staged / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n", "utf-8")
+    return Path(folder)

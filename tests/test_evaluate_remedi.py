@@ -60,3 +60,47 @@ def test_remedi_is_measured_on_counterfact_plus_and_its_plain_neighbourhood_is_n
     assert remedi["score"] == pytest.approx(expected)
     table = (tmp_path / "plus" / "summary.md").read_text()
     assert "| n/a |" in table and "remedi: ES, PS, NS+" in table
+
+
+def test_an_exported_editor_folder_edits_as_its_checkpoint(
+    trained: dict[str, Path], tmp_path: Path
+) -> None:
+    """``remedi.checkpoints.export`` writes the shipped format (safetensors + settings JSON, no
+    optimiser state); the registry loads it wherever a checkpoint is taken, with the same edits."""
+    import json as plain_json
+
+    from safetensors.torch import load_file
+
+    import remedi
+    from remedi import checkpoints
+
+    folder = checkpoints.export(trained["checkpoint"], tmp_path / "remedi-tiny")
+    assert sorted(p.name for p in folder.iterdir()) == ["editor.safetensors", "settings.json"]
+    settings = plain_json.loads((folder / "settings.json").read_text())
+    assert settings["remedi"]["method"] == "remedi" and settings["hyper_parameters"]["layer"] == 1
+    assert set(load_file(str(folder / "editor.safetensors"))) == {"linear.weight", "linear.bias"}
+    lm = remedi.load_model(str(trained["model"]))
+    cases = remedi.load_cases(trained["data"])
+    rows = [
+        remedi.compare(lm, [remedi.editor("remedi", checkpoint=path)], cases, progress=False)[0]
+        for path in (trained["checkpoint"], folder)
+    ]
+    same = [k for k in rows[0] if not k.startswith(("seconds", "settings_sha256"))]
+    assert {k: rows[0][k] for k in same} == {k: rows[1][k] for k in same}
+    assert (
+        evaluate.main(
+            [
+                "--model",
+                str(trained["model"]),
+                "--data",
+                str(trained["data"]),
+                "--method",
+                "remedi",
+                "--checkpoint",
+                str(folder),
+                "--output",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
