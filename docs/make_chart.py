@@ -15,8 +15,18 @@ from remedi.methods.figures import save_figure, summary_bars
 MODEL = "gemma3-270m"
 
 
-def row(method: str, es: float, ps: float, ns: float, score: float | None, n: int) -> dict:
-    """One summary row in the shape ``remedi.evaluate`` writes (the columns the chart draws)."""
+def row(
+    method: str,
+    es: float,
+    ps: float,
+    ns: float,
+    score: float | None,
+    n: int,
+    intervals: dict[str, list[float]] | None = None,
+) -> dict:
+    """One summary row in the shape ``remedi.evaluate`` writes (the columns the chart draws),
+    with each measured mean's 95% interval (``<metric>_ci95``; drawn as error bars) where the
+    row has them."""
     return {
         "method": method,
         "efficacy_score": es,
@@ -25,6 +35,7 @@ def row(method: str, es: float, ps: float, ns: float, score: float | None, n: in
         "score": score,
         "n_cases": n,
         "model": MODEL,
+        **{f"{name}_ci95": value for name, value in (intervals or {}).items()},
     }
 
 

@@ -365,7 +365,7 @@ def _add_output_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--heldout-tokens",
         type=int,
-        default=512,
+        default=256,
         help="tokens of the held-out text scored after each edit (0: no perplexity_ratio)",
     )
     p.add_argument(
@@ -385,7 +385,7 @@ def _add_output_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--unrelated-tokens",
         type=int,
-        default=40,
+        default=20,
         help="tokens sampled after each of a few unrelated prompts under each edit: their "
         "generation entropy is unrelated_entropy (0: not measured)",
     )

@@ -99,8 +99,8 @@ class Options:
     plus: bool = True
     reference_corpus: str | None = None
     heldout_text: str = BUILTIN_TEXT
-    heldout_tokens: int = 512
-    unrelated_tokens: int = 40
+    heldout_tokens: int = 256
+    unrelated_tokens: int = 20
     seed: int = 0
     progress: bool = True
     announce_statistics: bool = False

@@ -28,7 +28,7 @@ class HeldoutText:
     """Where the held-out text comes from and how much of it is scored."""
 
     source: str = BUILTIN_TEXT
-    n_tokens: int = 512
+    n_tokens: int = 256
     window: int = 256
 
     def describe(self) -> str:
