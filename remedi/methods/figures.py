@@ -115,10 +115,11 @@ ZSRE_SUMMARY_BARS = {
 
 
 def _error(row: Mapping[str, Any], column: str) -> tuple[float, float]:
-    """``(below, above)`` the value of ``column`` that its ``_ci95`` interval reaches."""
+    """``(below, above)`` the value of ``column`` that its ``_ci95`` interval reaches (NaN, so
+    no error bar, where the row has no interval)."""
     interval, value = row.get(f"{column}_ci95"), row.get(column)
     if not interval or value is None:
-        return (0.0, 0.0)
+        return (math.nan, math.nan)  # no bar drawn
     return (max(0.0, float(value) - interval[0]), max(0.0, interval[1] - float(value)))
 
 
@@ -141,12 +142,13 @@ def summary_bars(rows: Sequence[Mapping[str, Any]]) -> Figure:
     for j, (column, label) in enumerate(columns.items()):
         values = [math.nan if row.get(column) is None else float(row[column]) for row in rows]
         errors = [_error(row, column) for row in rows]
+        drawn = any(not math.isnan(below) for below, _ in errors)
         bars = ax.bar(
             [i + j * width for i in range(len(methods))],
             values,
             width,
             label=label,
-            yerr=list(zip(*errors, strict=True)) if any(e != (0.0, 0.0) for e in errors) else None,
+            yerr=list(zip(*errors, strict=True)) if drawn else None,
             error_kw={"elinewidth": 0.8, "capsize": 1.5},
         )
         labels = ["" if math.isnan(v) else f"{v:.2f}" for v in values]
