@@ -39,48 +39,25 @@ def row(
     }
 
 
+INTERVALS = ("efficacy_score", "paraphrase_score", "neighborhood_score", "score")
+
+
+def ci(*bounds: tuple[float, float]) -> dict[str, list[float]]:
+    """The 95% intervals of ES, PS, NS and Score, in that order."""
+    return {name: list(pair) for name, pair in zip(INTERVALS, bounds, strict=True)}
+
+
 ROWS = [
-    row(
-        "none",
-        0.000,
-        0.140,
-        0.850,
-        0.000,
-        100,
-        {
-            "efficacy_score": [0.000, 0.000],
-            "paraphrase_score": [0.080, 0.200],
-            "neighborhood_score": [0.808, 0.891],
-            "score": [0.000, 0.000],
-        },
-    ),
+    row("none", 0.000, 0.140, 0.850, 0.000, 100, ci((0, 0), (0.08, 0.2), (0.808, 0.891), (0, 0))),
     row(
         "prefix",
-        0.920,
-        0.905,
-        0.464,
-        0.690,
-        100,
-        {
-            "efficacy_score": [0.860, 0.970],
-            "paraphrase_score": [0.855, 0.945],
-            "neighborhood_score": [0.394, 0.532],
-            "score": [0.637, 0.734],
-        },
+        *(0.920, 0.905, 0.464, 0.690, 100),
+        ci((0.86, 0.97), (0.855, 0.945), (0.394, 0.532), (0.637, 0.734)),
     ),
     row(
         "rome",
-        0.990,
-        0.935,
-        0.834,
-        0.915,
-        100,
-        {
-            "efficacy_score": [0.970, 1.000],
-            "paraphrase_score": [0.895, 0.965],
-            "neighborhood_score": [0.787, 0.874],
-            "score": [0.892, 0.935],
-        },
+        *(0.990, 0.935, 0.834, 0.915, 100),
+        ci((0.97, 1.0), (0.895, 0.965), (0.787, 0.874), (0.892, 0.935)),
     ),
     row("memit (100)", 0.66, 0.53, 0.847, None, 100),
     row("remedi L1", 0.260, 0.290, 0.843, 0.354, 200),

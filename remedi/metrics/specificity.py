@@ -80,14 +80,17 @@ def references(
 ) -> list[list[NextToken]]:
     """Per case, the unedited next-token distribution of each CounterFact+ prompt (top
     :data:`TOP_K`)."""
-    out: list[list[NextToken]] = []
-    for i, case in enumerate(cases):
-        rows = plus_rows(case, i) if case.benchmark != "zsre" else []
-        kept = []
-        for logprobs in _per_row(model, tokenizer, rows, None, batch_size, next_token_logprobs):
-            top = torch.topk(logprobs, min(TOP_K, logprobs.shape[-1]))
-            kept.append(NextToken(top.indices.cpu(), top.values.cpu()))
-        out.append(kept)
+    rows = [
+        row
+        for i, case in enumerate(cases)
+        if case.benchmark != "zsre"
+        for row in plus_rows(case, i)
+    ]
+    out: list[list[NextToken]] = [[] for _ in cases]
+    found = _per_row(model, tokenizer, rows, None, batch_size, next_token_logprobs)
+    for row, logprobs in zip(rows, found, strict=True):
+        top = torch.topk(logprobs, min(TOP_K, logprobs.shape[-1]))
+        out[row.case_index].append(NextToken(top.indices.cpu(), top.values.cpu()))
     return out
 
 
@@ -154,13 +157,18 @@ def reference_measures(
     """Per case, what the unedited model does that an edit is compared with: the CounterFact+
     next-token distributions (:func:`references`), or a zsRE case's top-1 predictions on its
     locality answers."""
-    out: list[list[NextToken] | list[torch.Tensor]] = []
-    for i, case in enumerate(cases):
-        if case.benchmark == "zsre":
-            rows = _locality_rows(case, i)
-            out.append(_per_row(model, tokenizer, rows, None, batch_size, predicted_ids))
-        else:
-            out.extend(references(model, tokenizer, [case], batch_size))
+    out: list[list[NextToken] | list[torch.Tensor]] = list(
+        references(model, tokenizer, cases, batch_size)
+    )
+    rows = [
+        row
+        for i, case in enumerate(cases)
+        if case.benchmark == "zsre"
+        for row in _locality_rows(case, i)
+    ]
+    found = _per_row(model, tokenizer, rows, None, batch_size, predicted_ids)
+    for row, ids in zip(rows, found, strict=True):
+        out[row.case_index].append(ids)
     return out
 
 
