@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from remedi.data import EditCase, load_builtin, load_cases
+from remedi.data.neighbourhoods import pool_neighbourhoods
 from remedi.editors import RemediExample, examples_from_case
 from remedi.editors.training import TrainPrompt
 
@@ -258,13 +259,19 @@ class CounterFactDataModule(EditCaseDataModule):
 
     From a path, cases are sorted by ``case_id`` and split into ``n_train`` / ``n_val`` /
     ``n_test`` (``split="ordered"``: in that order, as the reference did; ``"seeded"``: after a
-    shuffle with ``seed``). ``test_path`` takes the test cases from another file instead.
+    shuffle with ``seed``). ``val_path`` and ``test_path`` take the validation and test cases
+    (the first ``n_val`` / ``n_test`` by ``case_id``) from other files instead.
+    ``train_neighbors`` gives each training case up to that many neighbourhood prompts, pooled
+    from training cases with the same true object
+    (:func:`remedi.data.neighbourhoods.pool_neighbourhoods`; validation and test cases keep
+    their own).
     """
 
     def __init__(
         self,
         path: str | None = None,
         test_path: str | None = None,
+        val_path: str | None = None,
         n_train: int | None = None,
         n_val: int | None = None,
         n_test: int | None = None,
@@ -278,6 +285,7 @@ class CounterFactDataModule(EditCaseDataModule):
         predict_path: str | None = None,
         predict_output: str | None = None,
         max_new_tokens: int = 20,
+        train_neighbors: int | None = None,
     ) -> None:
         super().__init__(
             batch_size,
@@ -295,15 +303,25 @@ class CounterFactDataModule(EditCaseDataModule):
                 raise ValueError(f"{name} must be >= 0, got {value}")
         if split not in ("seeded", "ordered"):
             raise ValueError(f"split {split!r} must be 'seeded' or 'ordered'")
-        for name, file in (("path", path), ("test_path", test_path)):
+        for name, file in (("path", path), ("val_path", val_path), ("test_path", test_path)):
             if file is not None and not Path(file).exists():
                 raise FileNotFoundError(f"{name}: no such file: {file}")
         self.path = path
         self.test_path = test_path
+        self.val_path = val_path
         self.n_train, self.n_val, self.n_test = n_train, n_val, n_test
         self.split = split
+        if train_neighbors is not None and train_neighbors < 0:
+            raise ValueError(f"train_neighbors must be >= 0, got {train_neighbors}")
+        self.train_neighbors = train_neighbors
 
     def load_splits(self) -> tuple[list[EditCase], list[EditCase], list[EditCase]]:
+        train, val, test = self._split()
+        if self.train_neighbors is not None:
+            train = pool_neighbourhoods(train, self.train_neighbors)
+        return train, val, test
+
+    def _split(self) -> tuple[list[EditCase], list[EditCase], list[EditCase]]:
         if self.path is None:
             train, val, test = (load_builtin(s) for s in ("train", "validation", "test"))
             return (
@@ -315,7 +333,7 @@ class CounterFactDataModule(EditCaseDataModule):
         if self.split == "seeded":
             random.Random(self.seed).shuffle(cases)
         n = len(cases)
-        n_val = self.n_val if self.n_val is not None else max(1, n // 10)
+        n_val = 0 if self.val_path else (self.n_val if self.n_val is not None else max(1, n // 10))
         n_test = 0 if self.test_path else (self.n_test if self.n_test is not None else n // 10)
         n_train = self.n_train if self.n_train is not None else n - n_val - n_test
         if n_train + n_val + n_test > n:
@@ -324,9 +342,27 @@ class CounterFactDataModule(EditCaseDataModule):
                 f"{n} cases in {self.path}"
             )
         train = cases[:n_train]
-        val = cases[n_train : n_train + n_val]
+        if self.val_path:
+            val = _sorted_by_id(load_cases(self.val_path))[: self.n_val]
+        else:
+            val = cases[n_train : n_train + n_val]
         if self.test_path:
             test = _sorted_by_id(load_cases(self.test_path))[: self.n_test]
         else:
             test = cases[n_train + n_val : n_train + n_val + n_test]
+        _check_disjoint({"train": train, "validation": val, "test": test})
         return train, val, test
+
+
+def _check_disjoint(splits: dict[str, list[EditCase]]) -> None:
+    """Refuse splits that share a case (e.g. ``val_path`` and ``test_path`` naming one file)."""
+    names = list(splits)
+    for i, a in enumerate(names):
+        seen = {(c.case_id, c.subject, c.prompt) for c in splits[a]}
+        for b in names[i + 1 :]:
+            shared = [c for c in splits[b] if (c.case_id, c.subject, c.prompt) in seen]
+            if shared:
+                raise ValueError(
+                    f"the {a} and {b} splits share {len(shared)} cases "
+                    f"(e.g. case {shared[0].case_id}); give files or counts that do not overlap"
+                )

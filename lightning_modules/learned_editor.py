@@ -4,9 +4,15 @@ It holds what they all need: the shared frozen LM (a plain attribute: never trai
 checkpoint), validation and test CounterFact metrics through torchmetrics, TensorBoard logging
 of each loss term under ``train/``, ``val/`` and ``test/``, checkpoint metadata (method, model,
 layers) checked on load with one clear line (:func:`remedi.checkpoints.check_meta`), and the
-best-validation weights: a copy is kept whenever ``val/loss`` improves, saved in every
-checkpoint with its loss (so a resumed run keeps it), and put in place before ``test`` and
-``predict`` and by :meth:`use_best_weights`.
+best-validation weights: a copy is kept whenever ``val/selection`` improves, saved in every
+checkpoint (so a resumed run keeps it), and put in place before ``test`` and ``predict`` and by
+:meth:`use_best_weights`.
+
+The selection rule cannot be won by editing nothing (a loss with a locality weight can):
+``val/selection`` is the validation efficacy when the validation neighbourhood score is at least
+the unedited model's on the same cases minus ``selection_margin``, and below every such epoch
+(``-1`` plus the neighbourhood score's distance from that floor, so a closer one is better)
+when it is not; on datasets without edit cases (McRae, Bias in Bios) it is ``-val/loss``.
 
 A subclass sets ``self.editor`` (the trainable ``nn.Module``) and implements the abstract
 :meth:`training_terms`, :meth:`eval_terms`, :meth:`case_edit` and :attr:`edit_layers` (a class
@@ -70,6 +76,15 @@ def shared_model(spec: str, dtype: str = "float32") -> LoadedModel:
     return _MODELS[key]
 
 
+def selection_score(
+    efficacy: float, neighborhood: float, unedited_neighborhood: float, margin: float
+) -> float:
+    """``val/selection``: ``efficacy`` when ``neighborhood`` is at least the unedited model's
+    minus ``margin``; otherwise ``-1`` minus the shortfall, below every epoch that keeps it."""
+    floor = unedited_neighborhood - margin
+    return efficacy if neighborhood >= floor else -1.0 - (floor - neighborhood)
+
+
 class LearnedEditorModule(L.LightningModule, ABC):
     """Abstract base of the learned-editor modules; see the module docstring.
 
@@ -85,12 +100,24 @@ class LearnedEditorModule(L.LightningModule, ABC):
     """``__init__`` arguments whose effect a resumed ``fit`` takes from the checkpoint's state."""
     editor: nn.Module
 
-    def __init__(self, model: str, model_dtype: str, scoring: Scoring, eval_batch_size: int):
+    def __init__(
+        self,
+        model: str,
+        model_dtype: str,
+        scoring: Scoring,
+        eval_batch_size: int,
+        selection_margin: float = 0.05,
+    ):
         super().__init__()
         if scoring not in ("mean", "first"):
             raise ValueError(f"scoring {scoring!r} must be 'mean' or 'first'")
         if eval_batch_size < 1:
             raise ValueError(f"eval_batch_size must be positive, got {eval_batch_size}")
+        if not 0 <= selection_margin <= 1:
+            raise ValueError(f"selection_margin must be in [0, 1], got {selection_margin}")
+        self.selection_margin = selection_margin
+        self.unedited_val_neighborhood: float | None = None
+        self.best_selection = float("-inf")
         self._lm = shared_model(model, model_dtype)
         self.scoring: Scoring = scoring
         self.eval_batch_size = eval_batch_size
@@ -215,9 +242,42 @@ class LearnedEditorModule(L.LightningModule, ABC):
             self.log(f"{stage}/score", harmonic_mean(scores))
         return float(metrics["loss"].compute())
 
+    def unedited_neighborhood(self) -> float:
+        """The unedited LM's mean neighbourhood score on the validation cases (computed once)."""
+        if self.unedited_val_neighborhood is None:
+            _, per_case = evaluate_cases(
+                self._lm.model,
+                self._lm.tokenizer,
+                self.val_cases,
+                batch_size=self.eval_batch_size,
+                scoring=self.scoring,
+            )
+            values = [m["neighborhood_score"] for m in per_case if "neighborhood_score" in m]
+            self.unedited_val_neighborhood = sum(values) / len(values) if values else 0.0
+        return self.unedited_val_neighborhood
+
+    def selection_value(self, loss: float) -> float:
+        """``val/selection`` of the epoch just validated (see the module docstring)."""
+        metrics = cast(dict[str, Any], dict(self.val_metrics.items()))
+        if not metrics["n_cases"].update_count or not self.val_cases:
+            return -loss
+        unedited = self.unedited_neighborhood()
+        self.log("val/unedited_neighborhood", unedited)
+        return selection_score(
+            float(metrics["efficacy_score"].compute()),
+            float(metrics["neighborhood_score"].compute()),
+            unedited,
+            self.selection_margin,
+        )
+
     def on_validation_epoch_end(self) -> None:
         loss = self._log_score("val")
-        if not self.trainer.sanity_checking and loss < self.best_val_loss:
+        if self.trainer.sanity_checking:
+            return
+        selection = self.selection_value(loss)
+        self.log("val/selection", selection, prog_bar=True)
+        if selection > self.best_selection:
+            self.best_selection = selection
             self.best_val_loss = loss
             self.best_epoch = int(self.current_epoch)
             self.best_editor_state = {
@@ -246,8 +306,8 @@ class LearnedEditorModule(L.LightningModule, ABC):
             return False
         self.restore_best()
         rank_zero_info(
-            f"{self.method}: using the best-validation editor "
-            f"(epoch {self.best_epoch}, val/loss {self.best_val_loss:.4f})"
+            f"{self.method}: using the best-validation editor (epoch {self.best_epoch}, "
+            f"val/selection {self.best_selection:.4f}, val/loss {self.best_val_loss:.4f})"
         )
         return True
 
@@ -265,6 +325,8 @@ class LearnedEditorModule(L.LightningModule, ABC):
         if self.best_editor_state is not None:
             checkpoint["remedi_best"] = {
                 "val_loss": self.best_val_loss,
+                "selection": self.best_selection,
+                "unedited_neighborhood": self.unedited_val_neighborhood,
                 "epoch": self.best_epoch,
                 "state_dict": self.best_editor_state,
             }
@@ -274,5 +336,7 @@ class LearnedEditorModule(L.LightningModule, ABC):
         best = checkpoint.get("remedi_best")
         if best is not None:
             self.best_val_loss = float(best["val_loss"])
+            self.best_selection = float(best.get("selection", -self.best_val_loss))
+            self.unedited_val_neighborhood = best.get("unedited_neighborhood")
             self.best_epoch = best["epoch"]
             self.best_editor_state = dict(best["state_dict"])

@@ -60,6 +60,8 @@ class RemediModule(LearnedEditorModule):
         lambda_norm: weight of the mean direction norm.
         lambda_essence: weight of the KL on "{entity} is a".
         target_tokens: train on the first target token (REMEDI) or on all of them.
+        selection_margin: the kept epoch has the best validation efficacy among those whose
+            neighbourhood score is at least the unedited model's minus this.
         scoring: metric probabilities, "mean" (CounterFact) or "first" (REMEDI's reference).
         eval_batch_size: rows per forward pass when scoring the metrics.
     """
@@ -84,10 +86,11 @@ class RemediModule(LearnedEditorModule):
         lambda_norm: float = 0.0,
         lambda_essence: float = 0.0,
         target_tokens: TargetTokens = "first",
+        selection_margin: float = 0.05,
         scoring: Scoring = "mean",
         eval_batch_size: int = 32,
     ) -> None:
-        super().__init__(model, model_dtype, scoring, eval_batch_size)
+        super().__init__(model, model_dtype, scoring, eval_batch_size, selection_margin)
         self.save_hyperparameters()
         if target_tokens not in ("first", "all"):
             raise ValueError(f"target_tokens {target_tokens!r} must be 'first' or 'all'")

@@ -5,8 +5,9 @@ datamodules, which adds:
 
 - **one run directory**, ``trainer.default_root_dir`` (the shipped configs set
   ``checkpoints/<config path>``, e.g. ``checkpoints/mend/quickstart``): ``last.ckpt`` and the
-  best checkpoint by ``val/loss``, the TensorBoard events without version subfolders (a resumed
-  ``fit``, ``validate`` and ``test`` append to the same run), the resolved config
+  best checkpoint by ``val/selection`` (see ``lightning_modules.learned_editor``), the
+  TensorBoard events without version subfolders (a resumed ``fit``, ``validate`` and ``test``
+  append to the same run), the resolved config
   (``config.yaml`` of ``fit``, ``config-<subcommand>.yaml`` of the others), ``metrics.json`` of
   ``test`` and ``predictions.jsonl`` of ``predict``. A line at start and end says where it is.
 - **``--ckpt_path``** (a file, or ``last`` / ``best`` of the run directory): module arguments the
@@ -17,7 +18,7 @@ datamodules, which adds:
 - **one-line errors**: a mistake a user can fix (unknown key, missing file, unknown model, layer
   out of range, unavailable accelerator, unreadable or mismatched checkpoint) prints one
   ``error:`` line and exits with code 2, checked before the model loads where possible.
-- early stopping with patience 2 on ``val/loss``; ``inference_mode=False`` so that evaluation
+- early stopping with patience 2 on ``val/selection``; ``inference_mode=False`` so that evaluation
   callbacks may take gradients during validation (Lightning then validates under ``no_grad``).
 
 The CLI uses only LightningCLI's public hooks; what happens during a run lives in Lightning's own
@@ -169,8 +170,8 @@ def add_run_arguments(parser: LightningArgumentParser) -> None:
     parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
     parser.set_defaults(
         {
-            "checkpoint.monitor": "val/loss",
-            "checkpoint.mode": "min",
+            "checkpoint.monitor": "val/selection",
+            "checkpoint.mode": "max",
             "checkpoint.save_last": True,
             "checkpoint.save_top_k": 1,
             "checkpoint.filename": "best-epoch{epoch:02d}-step{step}",
@@ -181,7 +182,8 @@ def add_run_arguments(parser: LightningArgumentParser) -> None:
     parser.add_lightning_class_args(EarlyStopping, "early_stopping")
     parser.set_defaults(
         {
-            "early_stopping.monitor": "val/loss",
+            "early_stopping.monitor": "val/selection",
+            "early_stopping.mode": "max",
             "early_stopping.patience": 2,
             "early_stopping.strict": False,
         }

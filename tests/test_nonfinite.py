@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_model
 from test_datamodules import write_rome
 
-import lightning_modules.gradient_editor
+import remedi.editors.locality
 import remedi.editors.training
 from lightning_modules import register_model
 from lightning_modules.learned_editor import non_finite_terms
@@ -23,7 +23,7 @@ MODULES = {  # three training steps an epoch, as in test_interruption
 }
 POISON = {  # where each method computes its KL term: that term turns non-finite
     "remedi": (remedi.editors.training, "kl", float("nan")),
-    "mend": (lightning_modules.gradient_editor, "loc", float("inf")),
+    "mend": (remedi.editors.locality, "loc", float("inf")),
 }
 
 

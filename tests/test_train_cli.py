@@ -111,7 +111,7 @@ def test_print_config_is_complete(capsys: pytest.CaptureFixture[str]) -> None:
         "default_root_dir: checkpoints/quickstart",
         "lambda_kl: 1.0",
         "class_path: datamodules.CounterFactDataModule",
-        "monitor: val/loss",
+        "monitor: val/selection",
     ):
         assert needle in out
 

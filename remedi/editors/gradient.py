@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -30,7 +31,12 @@ from remedi.hooks import EditFn, Site, intervene
 from remedi.methods.rome import mlp_out_param
 from remedi.methods.weights import EditHandle, backup, param_name, restored_on_error
 from remedi.models import LoadedModel
-from remedi.tokens import encode_continuations, score_continuations
+from remedi.tokens import ContinuationBatch, encode_continuations, score_continuations
+
+Positions = Literal["all", "subject", "subject_last"]
+"""Which tokens of the rewrite prompt feed an editor's ``(u, δ)``: every token with a gradient
+(MEND's reference), the subject's tokens, or the subject's last token only (ROME's key)."""
+POSITIONS: tuple[Positions, ...] = ("all", "subject", "subject_last")
 
 
 @dataclass
@@ -68,22 +74,51 @@ class LayerUpdate:
         return -self.scale * torch.einsum("bsn,no->bso", coef, self.outputs)
 
 
-def edit_batch_loss(lm: LoadedModel, cases: Sequence[EditCase]) -> torch.Tensor:
+def edit_batch(lm: LoadedModel, cases: Sequence[EditCase]) -> ContinuationBatch:
+    """Each request's rewrite prompt followed by ``target_new``, with the subject located."""
+    return encode_continuations(
+        lm.tokenizer,
+        [c.rewrite_prompt for c in cases],
+        [str(c.target_new) for c in cases],
+        [c.subject for c in cases],
+        [c.subject_start for c in cases],
+    ).to(lm.device)
+
+
+def edit_batch_loss(
+    lm: LoadedModel, cases: Sequence[EditCase], batch: ContinuationBatch | None = None
+) -> torch.Tensor:
     """The edit loss whose gradient the editors transform: Σ over requests of the mean NLL of
     ``target_new`` after the rewrite prompt (a request's gradient does not depend on the batch)."""
-    batch = encode_continuations(
-        lm.tokenizer, [c.rewrite_prompt for c in cases], [str(c.target_new) for c in cases]
-    )
-    return -score_continuations(lm.model, batch.to(lm.device)).mean.sum()
+    batch = edit_batch(lm, cases) if batch is None else batch
+    return -score_continuations(lm.model, batch).mean.sum()
+
+
+def position_mask(batch: ContinuationBatch, positions: Positions) -> torch.Tensor:
+    """``[rows, seq]``: the tokens whose ``(u, δ)`` an editor reads under ``positions``."""
+    if positions not in POSITIONS:
+        raise ValueError(f"positions {positions!r} must be one of {', '.join(POSITIONS)}")
+    if positions == "all":
+        return batch.attention_mask.bool()
+    assert batch.subject_spans is not None
+    mask = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
+    for row, span in enumerate(batch.subject_spans):
+        start = span.last if positions == "subject_last" else span.start
+        mask[row, start : span.end] = True
+    return mask
 
 
 def token_gradients(
-    lm: LoadedModel, layers: Sequence[int], cases: Sequence[EditCase]
+    lm: LoadedModel,
+    layers: Sequence[int],
+    cases: Sequence[EditCase],
+    positions: Positions = "all",
 ) -> list[TokenGradients]:
     """Per-token ``(u, δ)`` of each layer's MLP output projection from one forward and backward
-    pass of :func:`edit_batch_loss`; token ``t`` of request ``i`` has group ``i``. Tokens whose
-    gradient is zero (padding, the final target token) are dropped. The LM needs no gradients:
-    ``δ`` is taken with respect to zeros added at the MLP output."""
+    pass of :func:`edit_batch_loss`; token ``t`` of request ``i`` has group ``i``. Only the
+    tokens ``positions`` names are kept, and of those only tokens with a gradient (padding and
+    the final target token have none). The LM needs no gradients: ``δ`` is taken with respect
+    to zeros added at the MLP output."""
     outputs = [Site("mlp", lm.arch.check_layer(layer)) for layer in layers]
     inputs = [Site("mlp_in", layer) for layer in layers]
     zeros: dict[Site, torch.Tensor] = {}
@@ -99,13 +134,15 @@ def token_gradients(
         torch.enable_grad(),
         intervene(lm.arch, record=inputs, edit={s: with_zeros(s) for s in outputs}) as states,
     ):
-        loss = edit_batch_loss(lm, cases)
+        batch = edit_batch(lm, cases)
+        loss = edit_batch_loss(lm, cases, batch)
         grads = torch.autograd.grad(loss, [zeros[s] for s in outputs])
+    keep = position_mask(batch, positions)
     result = []
     for layer, site, grad in zip(layers, inputs, grads, strict=True):
         u = states[site].detach().float()
         delta = grad.float()
-        rows, cols = (delta.abs().sum(-1) > 0).nonzero(as_tuple=True)
+        rows, cols = ((delta.abs().sum(-1) > 0) & keep).nonzero(as_tuple=True)
         result.append(TokenGradients(layer, u[rows, cols], delta[rows, cols], rows))
     return result
 
@@ -145,7 +182,8 @@ def write_updates(lm: LoadedModel, updates: Sequence[LayerUpdate]) -> EditHandle
             for update in updates:
                 weight = lm.arch.mlp_out_weight(update.layer)
                 delta = update.delta()
-                weight.add_(delta.to(weight.dtype))
+                # summed in float32 and rounded once: a small update survives a bf16 weight
+                weight.copy_((weight.float() + delta).to(weight.dtype))
                 norms.append(float(delta.norm()))
         handle.info.update(layers=[u.layer for u in updates], update_norms=norms)
     return handle
@@ -156,8 +194,17 @@ class GradientEditor(nn.Module):
 
     method = "gradient"
 
-    def __init__(self, layers: Sequence[int], in_features: int, out_features: int) -> None:
+    def __init__(
+        self,
+        layers: Sequence[int],
+        in_features: int,
+        out_features: int,
+        positions: Positions = "all",
+    ) -> None:
         super().__init__()
+        if positions not in POSITIONS:
+            raise ValueError(f"positions {positions!r} must be one of {', '.join(POSITIONS)}")
+        self.positions: Positions = positions
         if not layers:
             raise ValueError("layers: give at least one layer to edit")
         if len(set(layers)) != len(layers):
@@ -183,7 +230,8 @@ class GradientEditor(nn.Module):
         for case in cases:
             if case.target_new is None or not case.target_new.strip():
                 raise ValueError(f"case {case.case_id}: target_new is missing")
-        return self.transform(lm, token_gradients(lm, self.layers, cases), cases)
+        grads = token_gradients(lm, self.layers, cases, self.positions)
+        return self.transform(lm, grads, cases)
 
     def apply_edit(self, lm: LoadedModel, cases: Sequence[EditCase]) -> EditHandle:
         """Write the summed update of all ``cases`` into ``lm``; the handle restores it."""

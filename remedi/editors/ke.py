@@ -1,16 +1,18 @@
 """KE, KnowledgeEditor (De Cao et al. 2021): the edit's gradient reshaped by a rank-1 mask and a
 rank-1 offset that a hyper-network predicts from the edit request (METHODS.md §2; plain PyTorch).
 
-A bidirectional LSTM reads the request (``rewrite prompt + " " + target_new``, as the frozen LM's
-input embeddings) into a condition ``c``. For each edited layer, linear heads give ``a, b``
-(``[out]``), ``γ, ω`` (``[in]``) and ``η``, and the update is
+A bidirectional LSTM reads the request, as the paper conditions it: the rewrite prompt ``x``,
+the true object ``y`` and the new object ``a``, each as the frozen LM's input embeddings plus a
+learned embedding of its segment, into a condition ``c`` (the mean of its states). For each edited
+layer a conditioner (a two-layer tanh network) gives ``a, b`` (``[out]``), ``γ, ω`` (``[in]``) and
+``η``, and the update is
 
     ΔW = −α_l σ(η) [ (σ(a) γᵀ) ⊙ Σ_t δ_t u_tᵀ + σ(b) ωᵀ ],
 
 which stays factored: ``(σ(a) ⊙ δ_t)(γ ⊙ u_t)ᵀ`` per token plus one offset term. **Ours:** ``u``
 and ``δ`` are first standardised per dimension by running statistics (as MEND does), so that the
-learned step ``α_l`` does not depend on the model's gradient scale; the heads start at zero
-weights, so an untrained KE takes the scaled gradient step ``−α_l/4 Σ δ uᵀ``.
+learned step ``α_l`` does not depend on the model's gradient scale; each conditioner's output
+layer starts at zero, so an untrained KE takes the scaled gradient step ``−α_l/4 Σ δ uᵀ``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,13 @@ import torch
 from torch import nn
 
 from remedi.data import EditCase
-from remedi.editors.gradient import GradientEditor, LayerUpdate, RunningNorm, TokenGradients
+from remedi.editors.gradient import (
+    GradientEditor,
+    LayerUpdate,
+    Positions,
+    RunningNorm,
+    TokenGradients,
+)
 from remedi.models import LoadedModel
 
 
@@ -34,6 +42,7 @@ class KeEditor(GradientEditor):
         embed_dim: width of the LM's input embeddings (what the request encoder reads).
         hidden: LSTM width per direction.
         init_step: initial step size ``α`` of every layer.
+        positions: which prompt tokens feed ``(u, δ)`` (:data:`~remedi.editors.gradient.POSITIONS`).
     """
 
     method = "ke"
@@ -46,17 +55,15 @@ class KeEditor(GradientEditor):
         embed_dim: int,
         hidden: int = 128,
         init_step: float = 1e-4,
+        positions: Positions = "all",
     ) -> None:
-        super().__init__(layers, in_features, out_features)
+        super().__init__(layers, in_features, out_features, positions)
+        self.segments = nn.Parameter(torch.zeros(3, embed_dim))  # prompt, true, new object
         self.encoder = nn.LSTM(embed_dim, hidden, batch_first=True, bidirectional=True)
         width = 2 * out_features + 2 * in_features + 1
-        heads = [nn.Linear(2 * hidden, width) for _ in self.layers]
-        for head in heads:
-            with torch.no_grad():
-                head.weight.zero_()
-                head.bias.zero_()
-                head.bias[out_features : out_features + in_features] = 1.0  # γ = 1
-        self.heads = nn.ModuleList(heads)
+        self.heads = nn.ModuleList(
+            _conditioner(2 * hidden, width, out_features, in_features) for _ in self.layers
+        )
         self.norm = RunningNorm(in_features + out_features)
         self.steps = nn.Parameter(torch.full((len(self.layers),), float(init_step)))
 
@@ -64,15 +71,25 @@ class KeEditor(GradientEditor):
         return [self.steps]
 
     def condition(self, lm: LoadedModel, cases: Sequence[EditCase]) -> torch.Tensor:
-        """``[requests, 2 * hidden]``: the mean LSTM state over each request's tokens."""
-        texts = [c.edit_statement for c in cases]
-        rows = [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        """``[requests, 2 * hidden]``: the mean LSTM state over each request's tokens (its
+        rewrite prompt, `` target_true`` and `` target_new``, each with its segment's
+        embedding)."""
+        rows: list[list[int]] = []
+        kinds: list[list[int]] = []
+        for case in cases:
+            parts = (case.rewrite_prompt, f" {case.target_true}", f" {case.target_new}")
+            pieces = [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in parts]
+            rows.append([t for piece in pieces for t in piece])
+            kinds.append([k for k, piece in enumerate(pieces) for _ in piece])
         lengths = torch.tensor([max(len(r), 1) for r in rows])
         ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
-        for i, row in enumerate(rows):
+        segment = torch.zeros_like(ids)
+        for i, (row, kind) in enumerate(zip(rows, kinds, strict=True)):
             ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            segment[i, : len(kind)] = torch.tensor(kind, dtype=torch.long)
         with torch.no_grad():
             embedded = lm.arch.embed(ids.to(lm.device)).float()
+        embedded = embedded + self.segments[segment.to(lm.device)]
         packed = nn.utils.rnn.pack_padded_sequence(
             embedded, lengths, batch_first=True, enforce_sorted=False
         )
@@ -105,3 +122,14 @@ class KeEditor(GradientEditor):
                 )
             )
         return updates
+
+
+def _conditioner(width_in: int, width_out: int, n_out: int, n_in: int) -> nn.Sequential:
+    """One layer's conditioner ``c ↦ (a, γ, b, ω, η)``: linear, tanh, linear; the output layer
+    starts at zero weights with ``γ = 1`` (an untrained editor scales the gradient step)."""
+    out = nn.Linear(width_in, width_out)
+    with torch.no_grad():
+        out.weight.zero_()
+        out.bias.zero_()
+        out.bias[n_out : n_out + n_in] = 1.0
+    return nn.Sequential(nn.Linear(width_in, width_in), nn.Tanh(), out)

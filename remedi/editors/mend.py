@@ -17,7 +17,13 @@ import torch
 from torch import nn
 
 from remedi.data import EditCase
-from remedi.editors.gradient import GradientEditor, LayerUpdate, RunningNorm, TokenGradients
+from remedi.editors.gradient import (
+    GradientEditor,
+    LayerUpdate,
+    Positions,
+    RunningNorm,
+    TokenGradients,
+)
 from remedi.models import LoadedModel
 
 
@@ -68,6 +74,7 @@ class MendEditor(GradientEditor):
         in_features / out_features: the projection's input and output widths.
         rank: rank of the low-rank blocks.
         init_step: initial step size ``α`` of every layer.
+        positions: which prompt tokens feed ``(u, δ)`` (:data:`~remedi.editors.gradient.POSITIONS`).
     """
 
     method = "mend"
@@ -79,8 +86,9 @@ class MendEditor(GradientEditor):
         out_features: int,
         rank: int = 256,
         init_step: float = 1e-4,
+        positions: Positions = "all",
     ) -> None:
-        super().__init__(layers, in_features, out_features)
+        super().__init__(layers, in_features, out_features, positions)
         if rank < 1:
             raise ValueError(f"rank must be positive, got {rank}")
         self.network = MendNetwork(in_features, out_features, rank, len(self.layers))

@@ -22,4 +22,7 @@ class Ke(GradientEditing):
     def build(self, lm: LoadedModel, found: TrainedCheckpoint) -> KeEditor:
         n_in, n_out = self.projection_shape(lm, found)
         hidden = int(found.hparams.get("hidden", 128))
-        return KeEditor(found.layers, n_in, n_out, lm.arch.hidden_size, hidden=hidden)
+        positions = found.hparams.get("positions", "all")
+        return KeEditor(
+            found.layers, n_in, n_out, lm.arch.hidden_size, hidden=hidden, positions=positions
+        )

@@ -43,4 +43,5 @@ class Mend(GradientEditing):
     def build(self, lm: LoadedModel, found: TrainedCheckpoint) -> MendEditor:
         n_in, n_out = self.projection_shape(lm, found)
         rank = int(found.hparams.get("rank", 256))
-        return MendEditor(found.layers, n_in, n_out, rank=rank)
+        positions = found.hparams.get("positions", "all")
+        return MendEditor(found.layers, n_in, n_out, rank=rank, positions=positions)
