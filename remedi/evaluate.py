@@ -81,8 +81,10 @@ from remedi.evaluation.outputs import (
     earlier_rows,
     markdown_table,
     protocol_problem,
+    write_curves,
     write_outputs,
 )
+from remedi.evaluation.stream import Schedule, StreamResult, parse_score_at
 from remedi.evaluation.summary import known_cases, metric_family, took_line
 from remedi.metrics import GENERATION_LENGTHS
 from remedi.models import DEFAULT_MODEL
@@ -256,6 +258,21 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
         "--threads", type=int, default=None, help="torch CPU threads; None: torch's default"
     )
     p.add_argument("--batch-size", type=int, default=32, help="prompts per scoring forward pass")
+    p.add_argument(
+        "--schedule",
+        default="independent",
+        metavar="independent|sequential|batch:N",
+        help="independent: each case on its own edit, the model restored after it; sequential "
+        "or batch:N: edits accumulate in one model, one or N at a time (restored at the end)",
+    )
+    p.add_argument(
+        "--score-at",
+        default="end",
+        metavar="end|N,N,...",
+        help="under an accumulating schedule: end (every case on the final model), or edit "
+        "counts (e.g. 10,100,1000) at which the cases edited so far are also scored; writes "
+        "curves.json, curves.png and TensorBoard scalars",
+    )
     add_statistics_arguments(p)
 
 
@@ -428,6 +445,8 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return f"--n-context must be in 0..{top}, got {args.n_context}"
     for name in args.method:
         cls = registry.method_class(name)
+        if cls.requires_statistics and args.no_stats:
+            return f"--no-stats: {name} needs the second-moment statistics (its update uses them)"
         n_context = getattr(method_settings(args).get(cls.section or cls.name), "n_context", 0)
         if not 0 <= n_context <= top:
             return f"--{cls.section or cls.name}.n_context must be in 0..{top}, got {n_context}"
@@ -445,6 +464,13 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return f"--heldout-tokens must be >= 0, got {args.heldout_tokens}"
     if args.heldout_text != "builtin" and not Path(args.heldout_text).is_file():
         return f"--heldout-text: file not found: {args.heldout_text}"
+    try:
+        schedule = Schedule.parse(args.schedule)
+        parse_score_at(args.score_at)
+    except ValueError as err:
+        return f"--{err}"
+    if schedule.accumulates and args.generation:
+        return "--generation is measured under --schedule independent only"
     return None
 
 
@@ -593,7 +619,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem:
         return fail(problem)
     samples: dict[str, list[list[str]]] = {}
-    rows, records = evaluate(lm, methods, cases, chosen, samples)
+    curves: dict[str, StreamResult] = {}
+    rows, records = evaluate(lm, methods, cases, chosen, samples, curves)
     problem = protocol_problem(earlier, rows, args.mixed_protocols)
     if problem:
         return fail(problem)
@@ -604,9 +631,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_outputs(args.output, rows, records, extra, append=bool(earlier))
     print(markdown_table(rows), end="")
     for method in methods:
-        print(took_line(method.name, records))
+        stream = curves.get(method.name)
+        if stream is not None and not stream.supported:
+            print(f"{method.name}: n/a under {stream.schedule} (its edit lives in the input)")
+        else:
+            print(took_line(method.name, records))
     written = ["summary.json", "summary.md", "cases.jsonl", "chart.png"]
     written += ["generations.jsonl"] if args.generation else []
+    if curves:
+        written += write_curves(args.output, curves)
     print(f"wrote {args.output / written[0]}, {', '.join(written[1:])}")
     return 0
 

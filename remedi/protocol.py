@@ -2,9 +2,10 @@
 differently out of one table.
 
 A protocol is the metric family (CounterFact or zsRE), the scoring of targets, the generation
-settings, the statistics source of ROME and MEMIT (None for methods that use none), the model's
-dtype and the model. Each ``remedi.evaluate`` row carries these as flat fields, and the Markdown
-table states them in a line under it.
+settings, the statistics source of ROME and MEMIT (None for methods that use none), the edit
+schedule (each case on its own edit, or edits accumulating, and when they are scored), the
+model's dtype and the model. Each ``remedi.evaluate`` row carries these as flat fields, and the
+Markdown table states them in a line under it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 from remedi.methods.second_moment import DEFAULT_SOURCE
 
-FIELDS = ("metric_family", "scoring", "generation", "statistics", "dtype", "model")
+FIELDS = ("metric_family", "scoring", "generation", "statistics", "schedule", "dtype", "model")
 """The row fields that make up a protocol (``statistics`` is None where a method uses none)."""
 FAMILIES = {
     "counterfact": "CounterFact probability comparisons",
@@ -50,6 +51,18 @@ def statistics_setting(no_stats: bool, corpus: str | None, n_tokens: int) -> str
     return f"{corpus or DEFAULT_SOURCE} ({n_tokens:,} tokens)"
 
 
+def schedule_setting(schedule: str, score_at: Sequence[int] | None) -> str:
+    """``independent`` (each case scored on its own edit, the model restored after it), or an
+    accumulating schedule with when its cases are scored: ``sequential, scored on the final
+    model`` (and ``after 10, 100 edits``)."""
+    if schedule == "independent":
+        return schedule
+    text = f"{schedule}, scored on the final model"
+    if score_at:
+        text += f" and after {', '.join(str(n) for n in score_at)} edits"
+    return text
+
+
 def protocol_of(row: Mapping[str, Any]) -> dict[str, Any]:
     """The protocol fields of one row (:data:`UNRECORDED` for those it lacks)."""
     return {name: row.get(name, UNRECORDED) for name in FIELDS}
@@ -81,6 +94,9 @@ def describe(fields: Mapping[str, Any]) -> str:
     parts.append("no generation" if generation == "off" else f"generation {generation}")
     if fields.get("statistics") is not None:
         parts.append(f"statistics {fields['statistics']}")
+    schedule = fields.get("schedule", UNRECORDED)
+    if schedule != UNRECORDED:
+        parts.append(f"edits {schedule}")
     parts += [str(fields.get("dtype", UNRECORDED)), str(fields.get("model", UNRECORDED))]
     return ", ".join(parts)
 

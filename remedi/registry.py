@@ -172,6 +172,8 @@ class Method(ABC):
     is reported as n/a, the CounterFact+ neighbourhood standing in for it."""
     uses_statistics: ClassVar[bool] = False
     """True when the method reads second-moment statistics (the protocol names the source)."""
+    requires_statistics: ClassVar[bool] = False
+    """True when the method cannot run on identity statistics (``--no-stats`` is refused)."""
     random: ClassVar[bool] = False
     """True when the edit draws at random from ``environment.seed`` (``--seeds`` reruns it)."""
     writes_weights: ClassVar[bool] = False
@@ -215,6 +217,16 @@ class Method(ABC):
     def load(self, checkpoint: Path, lm: LoadedModel, dtype: str) -> Any:
         """A trained method's editor from ``checkpoint`` for ``lm``."""
         raise NotImplementedError(f"{self.name} is not a trained editor")
+
+    def begin_stream(self, lm: LoadedModel) -> None:
+        """Edits from now on accumulate in ``lm`` until :meth:`end_stream` (a sequential or
+        batched schedule, :mod:`remedi.evaluation.stream`); methods with state that grows
+        along a stream (AlphaEdit's earlier keys, a memory) start it here."""
+        return None
+
+    def end_stream(self, lm: LoadedModel) -> None:
+        """The stream is over (the model is restored): drop what :meth:`begin_stream` began."""
+        return None
 
     @classmethod
     def check_requests(cls, requests: Sequence[EditRequest | EditCase]) -> str | None:

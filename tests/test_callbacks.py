@@ -3,9 +3,11 @@ editor's metrics, need no user-side inference_mode setting, and leave the LM unc
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from conftest import score_method, tiny_model
@@ -90,6 +92,30 @@ def test_causal_trace_logs_heatmaps_as_tensorboard_images(tmp_path: Path) -> Non
     image = events.Images(f"trace/mlp/case{cases[0].case_id}")[-1]
     assert image.width > 100 and image.height > 100
     assert image.encoded_image_string.startswith(b"\x89PNG")
+    # the logged heatmap is the one drawn from a trace of that case made here, pixel for pixel
+    from PIL import Image
+
+    from lightning_modules.callbacks.baselines import figure_pixels
+    from remedi.methods import causal_trace, figures
+
+    case = cases[0]
+    lm = trainer.lightning_module.lm  # type: ignore[attr-defined]
+    with torch.no_grad():
+        result = causal_trace.trace(
+            lm,
+            case.rewrite_prompt,
+            case.subject,
+            subject_start=case.subject_start,
+            kinds=("mlp", "hidden"),
+            samples=2,
+            progress=False,
+        )
+    expected_pixels = figure_pixels(figures.trace_heatmap(result, "mlp"))
+    logged = np.asarray(Image.open(io.BytesIO(image.encoded_image_string)).convert("RGB"))
+    assert logged.shape == expected_pixels[..., :3].shape
+    assert np.array_equal(logged, expected_pixels[..., :3])
+    token, layer = result.peak("mlp")
+    assert float(result.indirect_effect("mlp")[token, layer]) > 0  # a real peak, not a blank map
 
 
 def test_causal_trace_without_tensorboard_logs_metrics_only(tmp_path: Path) -> None:

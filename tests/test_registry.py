@@ -23,7 +23,20 @@ from remedi.data import EditCase, parse_records
 from remedi.methods.weights import EditHandle, backup, restored_on_error
 from remedi.models import LoadedModel
 
-BUILTIN = ["none", "prefix", "replace", "ft", "ft-l", "rome", "memit", "kn", "remedi", "mend", "ke"]
+BUILTIN = [
+    "none",
+    "prefix",
+    "replace",
+    "ft",
+    "ft-l",
+    "rome",
+    "memit",
+    "alphaedit",
+    "kn",
+    "remedi",
+    "mend",
+    "ke",
+]
 
 
 @dataclass
@@ -72,7 +85,7 @@ def test_every_builtin_method_is_registered_once_with_its_kind() -> None:
     assert registry.names() == BUILTIN == remedi.list_editors()
     assert registry.trained_names() == ["remedi", "mend", "ke"]
     weights = [n for n in BUILTIN if registry.method_class(n).writes_weights]
-    assert weights == ["ft", "ft-l", "rome", "memit", "kn", "mend", "ke"]
+    assert weights == ["ft", "ft-l", "rome", "memit", "alphaedit", "kn", "mend", "ke"]
     assert registry.method_class("mend").lightning_module == (
         "lightning_modules.gradient_editor:MendModule"
     )

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from remedi.data import EditCase
 from remedi.data.locality import disjoint_locality
-from remedi.evaluation.runner import run_method
+from remedi.evaluation.runner import MethodResult, run_method
+from remedi.evaluation.stream import Schedule, StreamResult, parse_score_at, run_stream
 from remedi.evaluation.summary import (
     case_records,
     known_cases,
@@ -44,6 +45,7 @@ from remedi.metrics import (
 from remedi.metrics.perplexity import BUILTIN_TEXT, HeldoutText, perplexity, windows
 from remedi.metrics.specificity import reference_measures
 from remedi.models import LoadedModel
+from remedi.protocol import schedule_setting
 from remedi.registry import Edited, Environment, Method, Statistics, as_method
 
 
@@ -79,6 +81,11 @@ class Options:
         unrelated_tokens: tokens sampled after each of a few unrelated prompts under each edit,
             whose generation entropy is ``unrelated_entropy`` (0: not measured).
         seed: seed of methods that draw at random (``replace``'s partners).
+        schedule: ``independent`` (each case on its own edit, the model restored after it),
+            ``sequential`` or ``batch:N`` (edits accumulate; :mod:`remedi.evaluation.stream`).
+        score_at: under an accumulating schedule, ``end`` (every case on the final model) or
+            edit counts such as ``10,100,1000`` at which the cases edited so far are also
+            scored (the curves).
         progress: show progress bars.
     """
 
@@ -102,6 +109,8 @@ class Options:
     heldout_tokens: int = 256
     unrelated_tokens: int = 20
     seed: int = 0
+    schedule: str = "independent"
+    score_at: str = "end"
     progress: bool = True
     announce_statistics: bool = False
     pool: Sequence[EditCase] = field(default_factory=list)
@@ -134,6 +143,8 @@ def select_cases(lm: LoadedModel, cases: Sequence[EditCase], options: Options) -
 
 def row_protocol(method: Method, family: str, options: Options, model: str) -> dict[str, Any]:
     """The protocol fields of ``method``'s row under ``options``."""
+    schedule = Schedule.parse(options.schedule)
+    score_at = parse_score_at(options.score_at) if schedule.accumulates else None
     return protocol_fields(
         family,
         method.uses_statistics,
@@ -141,6 +152,7 @@ def row_protocol(method: Method, family: str, options: Options, model: str) -> d
         (options.generation, options.generation_tokens, options.generation_length),
         options.dtype,
         model,
+        schedule_setting(schedule.name, score_at),
     )
 
 
@@ -150,10 +162,16 @@ def evaluate(
     cases: Sequence[EditCase],
     options: Options,
     samples: dict[str, list[list[str]]] | None = None,
+    curves: dict[str, StreamResult] | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Run every method on ``cases`` (already selected); return the summary rows and the
     per-case records. With ``options.generation`` each method's samples per case are also
-    stored in ``samples``."""
+    stored in ``samples``; under an accumulating schedule each method's stream (its curve
+    and per-edit cost) in ``curves``."""
+    schedule = Schedule.parse(options.schedule)
+    score_at = parse_score_at(options.score_at) if schedule.accumulates else None
+    if schedule.accumulates and (options.generation or options.seeds > 1):
+        raise ValueError("generation and --seeds are measured under the independent schedule only")
     statistics = Statistics(
         corpus=options.corpus,
         n_tokens=options.stats_tokens,
@@ -195,7 +213,16 @@ def evaluate(
         method.bind(lm, options.dtype)
         texts: list[list[str]] = [[] for _ in cases]
         sampler = _sampler(lm, method.name, cases, options, texts) if options.generation else None
-        result = run_method(lm, method, cases, sampler)
+        result: MethodResult
+        if schedule.accumulates:
+            result = run_stream(lm, method, cases, schedule, score_at)
+            if curves is not None:
+                curves[method.name] = result
+            if not result.supported:
+                rows.append(unstreamed_row(method, lm, cases, options, family, names, model))
+                continue
+        else:
+            result = run_method(lm, method, cases, sampler)
         row = summary_row(result, lm.spec, len(cases), summarize(result.per_case), names)
         if family == "counterfact":
             score_from_measured(row, method, result.per_case)
@@ -208,6 +235,8 @@ def evaluate(
             row["locality"] = options.locality
         row.update(settings_fields(method, lm))
         row.update(row_protocol(method, family, options, model) | {"model": lm.spec})
+        if isinstance(result, StreamResult):
+            row.update(stream_fields(result))
         if result.skipped:
             row["n_cases"] = len(cases) - len(result.skipped)
             row["n_skipped"] = len(result.skipped)
@@ -225,6 +254,44 @@ def evaluate(
         rows.append(row)
         records += case_records(method.name, cases, result)
     return rows, records
+
+
+def stream_fields(result: StreamResult) -> dict[str, Any]:
+    """What a row adds under an accumulating schedule: the per-edit seconds at the stream's
+    start and end (the first and last tenth of its groups) and their ratio, and the memory."""
+    seconds = result.group_seconds
+    tenth = max(1, len(seconds) // 10)
+    early, late = seconds[:tenth], seconds[-tenth:]
+    early_mean = sum(early) / len(early) if early else 0.0
+    late_mean = sum(late) / len(late) if late else 0.0
+    return {
+        "seconds_per_edit_early": early_mean,
+        "seconds_per_edit_late": late_mean,
+        "late_over_early": late_mean / early_mean if early_mean else None,
+        "rss_mib_start": result.group_rss_mib[0] if result.group_rss_mib else None,
+        "rss_mib_end": result.group_rss_mib[-1] if result.group_rss_mib else None,
+    }
+
+
+def unstreamed_row(
+    method: Method,
+    lm: LoadedModel,
+    cases: Sequence[EditCase],
+    options: Options,
+    family: str,
+    names: Sequence[str],
+    model: str,
+) -> dict[str, Any]:
+    """The row of a method whose edits do not accumulate in one model (prefix, replace,
+    REMEDI) under an accumulating schedule: every metric n/a, and why."""
+    row: dict[str, Any] = {"method": method.name, "model": lm.spec, "n_cases": 0}
+    row.update({name: None for name in names})
+    row.update(seconds_per_edit=None, seconds_per_edit_mean=None)
+    row["note"] = "n/a: its edit lives in the input and does not accumulate in one model"
+    row.update(data_fields(cases, options))
+    row.update(settings_fields(method, lm))
+    row.update(row_protocol(method, family, options, model) | {"model": lm.spec})
+    return row
 
 
 def seed_spread(

@@ -1,17 +1,18 @@
 """Writing an evaluation's results: the summary rows as JSON and a Markdown table with its
-protocol line, the per-case records, the chart, and the rows of an earlier table for
-``--append``. Every table of ``remedi.evaluate`` (the CounterFact/zsRE table and REMEDI's tasks)
-is written here, atomically."""
+protocol line, the per-case records, the chart, an accumulating schedule's curves, and the rows
+of an earlier table for ``--append``. Every table of ``remedi.evaluate`` (the CounterFact/zsRE
+table and REMEDI's tasks) is written here, atomically."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from remedi import protocol
-from remedi.atomic import atomic_dir
+from remedi.atomic import atomic_dir, write_json
 from remedi.cli import UsageError, one_line
 from remedi.metrics import (
     GENERATION_METRIC_NAMES,
@@ -177,3 +178,41 @@ def protocol_problem(
         shown = ", ".join(map(str, values))
         return f"the methods' rows differ in {name} ({shown}); pass --mixed-protocols to allow it"
     return None
+
+
+def curve_records(curves: dict[str, Any]) -> dict[str, Any]:
+    """``curves.json``'s content: per method, its schedule, each curve point and the seconds per
+    edit and resident memory of every group along the stream."""
+    return {
+        name: {
+            "schedule": stream.schedule,
+            "supported": stream.supported,
+            "points": [dataclasses.asdict(point) for point in stream.curve],
+            "group_seconds_per_edit": stream.group_seconds,
+            "group_rss_mib": stream.group_rss_mib,
+        }
+        for name, stream in curves.items()
+    }
+
+
+def write_curves(output: Path, curves: dict[str, Any]) -> list[str]:
+    """Write an accumulating schedule's curves beside the table: ``curves.json``,
+    ``curves.png`` (each metric against the number of edits) and TensorBoard scalars under
+    ``tensorboard/<method>`` (``stream/<metric>`` at step = edits); returns the names written."""
+    from remedi.methods import figures
+
+    records = curve_records(curves)
+    write_json(output / "curves.json", records)
+    drawn = {name: r["points"] for name, r in records.items() if r["points"]}
+    figures.save_figure(figures.stream_curves(drawn), output / "curves.png")
+    from torch.utils.tensorboard import SummaryWriter
+
+    for name, record in records.items():
+        with SummaryWriter(str(output / "tensorboard" / name)) as writer:
+            for point in record["points"]:
+                for metric, value in point["means"].items():
+                    writer.add_scalar(f"stream/{metric}", value, point["n_edits"])
+                step = point["n_edits"]
+                writer.add_scalar("stream/seconds_per_edit", point["seconds_per_edit"], step)
+                writer.add_scalar("stream/rss_mib", point["rss_mib"], step)
+    return ["curves.json", "curves.png", "tensorboard/"]

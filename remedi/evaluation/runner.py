@@ -18,10 +18,10 @@ from remedi.data import EditCase
 from remedi.metrics import evaluate_cases
 from remedi.metrics.generation import unrelated_entropy
 from remedi.metrics.perplexity import perplexity
-from remedi.metrics.rows import renumbered
+from remedi.metrics.rows import EditContext, renumbered
 from remedi.metrics.specificity import compared_with_reference
 from remedi.models import LoadedModel
-from remedi.registry import Edited, Method
+from remedi.registry import Edited, Environment, Method
 
 UnderEdit = Callable[[range, Edited], None]
 """Called after a group is scored, while its edit is applied: the cases' indices (in the
@@ -62,34 +62,15 @@ def run_method(
                 scored = [edited.scored_case(i, case) for i, case in enumerate(group)]
                 kept = [i for i, case in enumerate(scored) if case is not None]
                 shown = [case for case in scored if case is not None]
-                row_edit = renumbered(edited.row_edit, kept)
                 if shown:
-                    _, per_case = evaluate_cases(
-                        lm.model,
-                        lm.tokenizer,
+                    per_case = score_cases(
+                        lm,
+                        env,
                         shown,
-                        edit=row_edit,
-                        batch_size=env.batch_size,
-                        plus=env.references is not None,
+                        [first + i for i in kept],
+                        renumbered(edited.row_edit, kept),
+                        edited.text_prefix(),
                     )
-                    if env.references is not None:
-                        reference = [env.references[first + i] for i in kept]
-                        found = compared_with_reference(
-                            lm.model, lm.tokenizer, shown, reference, row_edit, env.batch_size
-                        )
-                        for metrics, extra in zip(per_case, found, strict=True):
-                            metrics.update(extra)
-                    if env.unrelated_tokens > 0:
-                        entropy = unrelated_entropy(
-                            lm, env.unrelated_tokens, edited.text_prefix(), env.seed
-                        )
-                        for metrics in per_case:
-                            metrics["unrelated_entropy"] = entropy
-                    if env.heldout is not None:
-                        edited_perplexity = perplexity(lm, env.heldout, edited.text_prefix())
-                        ratio = edited_perplexity / env.heldout_perplexity
-                        for metrics in per_case:
-                            metrics["perplexity_ratio"] = ratio
                     for i, metrics in zip(kept, per_case, strict=True):
                         result.per_case[first + i] = metrics
                 result.skipped += [first + i for i in range(len(group)) if i not in kept]
@@ -99,3 +80,41 @@ def run_method(
                     under_edit(range(first, first + len(group)), edited)
             bar.update(len(group))
     return result
+
+
+def score_cases(
+    lm: LoadedModel,
+    env: Environment,
+    cases: Sequence[EditCase],
+    indices: Sequence[int],
+    row_edit: EditContext | None = None,
+    text_prefix: str = "",
+) -> list[dict[str, float]]:
+    """Every metric of ``cases`` (entries ``indices`` of the evaluated list) on the model as it
+    is now, with ``row_edit`` around each scored batch: the shared CounterFact / zsRE metrics,
+    and what ``env`` asks for (CounterFact+ against the unedited references, unrelated-text
+    entropy and held-out perplexity, both read after ``text_prefix``)."""
+    _, per_case = evaluate_cases(
+        lm.model,
+        lm.tokenizer,
+        cases,
+        edit=row_edit,
+        batch_size=env.batch_size,
+        plus=env.references is not None,
+    )
+    if env.references is not None:
+        reference = [env.references[i] for i in indices]
+        found = compared_with_reference(
+            lm.model, lm.tokenizer, cases, reference, row_edit, env.batch_size
+        )
+        for metrics, extra in zip(per_case, found, strict=True):
+            metrics.update(extra)
+    if env.unrelated_tokens > 0:
+        entropy = unrelated_entropy(lm, env.unrelated_tokens, text_prefix, env.seed)
+        for metrics in per_case:
+            metrics["unrelated_entropy"] = entropy
+    if env.heldout is not None:
+        ratio = perplexity(lm, env.heldout, text_prefix) / env.heldout_perplexity
+        for metrics in per_case:
+            metrics["perplexity_ratio"] = ratio
+    return per_case

@@ -46,6 +46,7 @@ def protocol_fields(
     generation: tuple[bool, int, str],
     dtype: str,
     model: str,
+    schedule: str = "independent",
 ) -> dict[str, Any]:
     """The protocol of one row: metric family and scoring, generation settings, the statistics
     source (``(disabled, corpus, tokens)``, named only for methods that read statistics), dtype
@@ -56,6 +57,7 @@ def protocol_fields(
         "scoring": protocol.scoring_setting(family),
         "generation": protocol.generation_setting(*generation),
         "statistics": stats,
+        "schedule": schedule,
         "dtype": dtype,
         "model": model,
     }

@@ -163,3 +163,41 @@ def summary_bars(rows: Sequence[Mapping[str, Any]]) -> Figure:
     ax.set_title(f"{name} per method ({details})" if details else f"{name} per method")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
+
+
+CURVE_PANELS = {
+    "efficacy_score": "efficacy",
+    "paraphrase_score": "paraphrase",
+    "neighborhood_score": "neighbourhood",
+    "neighborhood_plus_score": "CounterFact+ neighbourhood",
+    "perplexity_ratio": "held-out perplexity ratio",
+}
+"""The metrics drawn against the number of edits, one panel each (where some method has them)."""
+
+
+def stream_curves(curves: Mapping[str, Sequence[Mapping[str, Any]]]) -> Figure:
+    """One panel per metric of :data:`CURVE_PANELS`, one line per method: the metric's mean
+    over the cases edited so far against the number of edits (log scale), from each method's
+    curve points (``{"n_edits": N, "means": {...}}``)."""
+    panels = [
+        (name, label)
+        for name, label in CURVE_PANELS.items()
+        if any(name in p["means"] for points in curves.values() for p in points)
+    ]
+    fig = Figure(figsize=(3.2 * max(1, len(panels)), 3.0))
+    for k, (name, label) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), k + 1)
+        for method, points in curves.items():
+            drawn = [(p["n_edits"], p["means"][name]) for p in points if name in p["means"]]
+            if drawn:
+                xs, ys = zip(*drawn, strict=True)
+                ax.plot(xs, ys, marker="o", markersize=3, label=method)
+        ax.set_xscale("log")
+        ax.set_xlabel("edits")
+        ax.set_title(label, fontsize=9)
+        if name != "perplexity_ratio":
+            ax.set_ylim(-0.02, 1.02)
+    if panels:
+        fig.axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig

@@ -24,7 +24,7 @@ As in ROME, keys and hidden states are means over the same templates throughout 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -158,17 +158,25 @@ def through_post_norm(
     return v * scale - current
 
 
+Solver = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(layer, keys [n, in], residuals [n, out]) -> ΔW [out, in]``: how one layer's update is
+solved (MEMIT's least squares by default; AlphaEdit's projected one)."""
+
+
 def apply_edits(
     lm: LoadedModel,
     requests: Sequence[EditRequest | EditCase],
     stats: Mapping[int, SecondMoment | torch.Tensor] | None = None,
     hparams: MemitHyperParams | None = None,
     progress: bool = True,
+    solver: Solver | None = None,
+    method: str = "memit",
 ) -> EditHandle:
     """Write all ``requests`` at once; the handle restores every edited projection.
 
     ``stats`` maps each edited layer to its second moment C (None: identity for all layers);
     each C⁻¹ is computed once and cached (:func:`remedi.methods.second_moment.inverse`).
+    ``solver`` replaces MEMIT's per-layer least squares (then ``stats`` are not inverted).
     """
     start = time.perf_counter()
     hp = hparams or MemitHyperParams()
@@ -181,11 +189,16 @@ def apply_edits(
         missing = [layer for layer in layers if layer not in stats]
         if missing:
             raise ValueError(f"stats lack layer(s) {missing}")
-    inverses = {
-        layer: second_moment.inverse(None if stats is None else stats[layer], lm.device, width)
-        for layer in layers
-    }
     lam = hp.mom2_weight if hp.mom2_weight is not None else default_lambda(lm)
+    if solver is None:
+        inverses = {
+            layer: second_moment.inverse(None if stats is None else stats[layer], lm.device, width)
+            for layer in layers
+        }
+
+        def solver(layer: int, keys: torch.Tensor, residuals: torch.Tensor) -> torch.Tensor:
+            return least_squares_update(keys, residuals, None, lam, inverse=inverses[layer])
+
     templates = context_templates(hp.n_context)
     z_site = Site("block", layers[-1])
     rome_hp = RomeHyperParams(
@@ -201,7 +214,7 @@ def apply_edits(
 
     deltas, steps = [], []
     chunks = [reqs[i : i + hp.request_batch] for i in range(0, len(reqs), hp.request_batch)]
-    with tqdm(total=len(reqs), desc="memit: target states", disable=not progress) as bar:
+    with tqdm(total=len(reqs), desc=f"{method}: target states", disable=not progress) as bar:
         for chunk in chunks:
             results = optimise_deltas(lm, z_site, chunk, templates, rome_hp)
             deltas += [result.delta for result in results]
@@ -211,7 +224,7 @@ def apply_edits(
     names = [param_name(lm.model, mlp_out_param(lm, layer)) for layer in layers]
     handle = backup(lm.model, names)
     with restored_on_error(handle):
-        for i, layer in enumerate(tqdm(layers, desc="memit: layers", disable=not progress)):
+        for i, layer in enumerate(tqdm(layers, desc=f"{method}: layers", disable=not progress)):
             key_site, out_site = Site("mlp_in", layer), Site("mlp", layer)
             states = request_states(
                 lm, [key_site, out_site, z_site], reqs, templates, hp.forward_batch
@@ -222,14 +235,12 @@ def apply_edits(
             norm = lm.arch.post_mlp_norm(layer)
             if norm is not None:
                 residuals = through_post_norm(norm, states[out_site], residuals)
-            update = least_squares_update(
-                states[key_site], residuals, None, lam, inverse=inverses[layer]
-            )
+            update = solver(layer, states[key_site], residuals)
             weight = lm.arch.mlp_out_weight(layer)
             with torch.no_grad():
                 weight.add_(update.to(weight.device, weight.dtype))
         handle.info.update(
-            method="memit",
+            method=method,
             layers=layers,
             n_requests=len(reqs),
             mom2_weight=lam,

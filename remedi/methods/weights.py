@@ -43,6 +43,11 @@ class EditHandle:
     def original(self, name: str) -> torch.Tensor:
         return self._originals[name]
 
+    def restore_one(self, name: str) -> None:
+        """Put parameter ``name`` back exactly as it was."""
+        with torch.no_grad():
+            self._params[name].copy_(self._originals[name])
+
     def restore(self) -> None:
         """Put every edited parameter back exactly as it was (idempotent)."""
         with torch.no_grad():
