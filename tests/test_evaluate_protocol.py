@@ -49,7 +49,7 @@ def test_rows_and_table_name_their_protocol(paths: dict[str, Path]) -> None:
     last = (paths["out"] / "summary.md").read_text().splitlines()[-1]
     assert last == (
         "Protocol: CounterFact probability comparisons, scoring mean, no generation, "
-        f"statistics {stats}, float32, {paths['model']}"
+        f"statistics {stats}, edits independent, float32, {paths['model']}"
     )
 
 
@@ -103,7 +103,7 @@ def test_mixed_protocols_gets_a_protocol_column(paths: dict[str, Path]) -> None:
     assert [r["dtype"] for r in rows] == ["float32", "float32", "bfloat16"]
     lines = (paths["out"] / "summary.md").read_text().splitlines()
     assert lines[0].endswith("| protocol |") and "statistics identity (--no-stats)" in lines[3]
-    assert lines[4].endswith(f"no generation, bfloat16, {paths['model']} |")
+    assert lines[4].endswith(f"no generation, edits independent, bfloat16, {paths['model']} |")
     assert lines[-1].startswith("Protocol: mixed")
 
 

@@ -89,7 +89,7 @@ def test_every_builtin_method_is_registered_once_with_its_kind() -> None:
     assert registry.method_class("mend").lightning_module == (
         "lightning_modules.gradient_editor:MendModule"
     )
-    assert set(registry.sections()) == {"ft", "rome", "memit", "kn", "remedi"}
+    assert set(registry.sections()) == {"ft", "rome", "memit", "alphaedit", "kn", "remedi"}
 
 
 def test_editor_settings_are_typed_and_an_unknown_one_is_named() -> None:
