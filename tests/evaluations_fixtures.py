@@ -33,8 +33,8 @@ def write_mcrae(path: Path) -> Path:
         writer = csv.writer(f, delimiter="\t")
         writer.writerow(["Concept", "Feature", "Prod_Freq"])
         for concept, features in MCRAE_ROWS.items():
-            for feature in features:
-                writer.writerow([concept, feature, 10])
+            for k, feature in enumerate(features):
+                writer.writerow([concept, feature, 5 + 6 * k])  # 5, 11, 17, ... of 30
     return path
 
 

@@ -12,6 +12,7 @@ from evaluations_fixtures import MCRAE_ROWS, trained_setup
 from datamodules import McRaeDataModule
 from datamodules.attribute_data import co_probabilities
 from remedi import evaluate
+from remedi.data.attributes import read_mcrae_frequencies
 from remedi.evaluation import mcrae
 
 
@@ -20,12 +21,15 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return trained_setup(tmp_path_factory.mktemp("mcrae"))
 
 
-def _samples(path: Path) -> tuple[list[mcrae.EntailmentSample], dict[str, set[str]]]:
+def _samples(
+    path: Path, frequencies: dict[tuple[str, str], int] | None = None
+) -> tuple[list[mcrae.EntailmentSample], dict[str, set[str]]]:
     module = McRaeDataModule(str(path), examples_per_concept=1, n_val=2, n_test=4)
     module.setup()
     features = module.read_features()
     co_prob = co_probabilities(features, 2)
-    return mcrae.build_samples(module._test, features, co_prob, None), features
+    samples = mcrae.build_samples(module._test, features, co_prob, None, 0, frequencies)
+    return samples, features
 
 
 def test_correlation_matches_a_hand_computation() -> None:
@@ -58,6 +62,15 @@ def test_samples_hold_the_co_occurring_features_and_replace_finds_a_true_owner(
             assert prompt[start : start + len(sample.entity)] == sample.entity
         other = mcrae.replacement(sample, features)
         assert other != sample.concept and sample.context_feature in MCRAE_ROWS[str(other)]
+    frequencies = read_mcrae_frequencies(trained["mcrae"])
+    with_own, _ = _samples(trained["mcrae"], frequencies)
+    for sample in with_own:  # the concept's own features, with log Prod_Freq
+        assert set(sample.original_features) == set(MCRAE_ROWS[sample.concept])
+        for feature, log_f in zip(sample.original_features, sample.log_frequencies, strict=True):
+            k = MCRAE_ROWS[sample.concept].index(feature)
+            assert log_f == pytest.approx(math.log(5 + 6 * k))
+    own_rows, _ = mcrae.method_rows(with_own, "none", original=True)
+    assert [r.target for r in own_rows] == [t for x in with_own for t in x.original_targets]
     rows, _ = mcrae.method_rows(samples, "prefix")
     first = samples[rows[0].case_index]
     assert rows[0].prompt.startswith(first.context + " ") and rows[0].subject is None
@@ -78,6 +91,11 @@ def test_mcrae_command_scores_every_method_before_and_after(trained: dict[str, P
     assert len({r["co_correlation_before"] for r in rows}) == 1
     assert rows[0]["co_correlation_change"] == 0.0 and rows[2]["n_skipped"] == 0
     assert all(-1.0 <= r["co_correlation"] <= 1.0 for r in rows)
+    # the original features: measured, the same before for every method, unchanged by none
+    assert len({r["orig_correlation_before"] for r in rows}) == 1
+    assert rows[0]["orig_correlation_change"] == 0.0
+    assert all(-1.0 <= r["orig_correlation"] <= 1.0 for r in rows)
+    assert rows[1]["orig_correlation"] != rows[0]["orig_correlation"]  # prefix moves them
     records = [json.loads(line) for line in (out / "cases.jsonl").read_text().splitlines()]
     assert len(records) == 4 * 4
     for record in records:

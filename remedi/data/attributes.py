@@ -203,6 +203,21 @@ def read_mcrae_features(path: str | Path) -> dict[str, set[str]]:
     return features
 
 
+def read_mcrae_frequencies(path: str | Path) -> dict[tuple[str, str], int]:
+    """(concept, feature) -> its production frequency (``Prod_Freq``: how many of the 30
+    participants listed the feature for the concept); empty when the file lacks the column."""
+    found: dict[tuple[str, str], int] = {}
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.DictReader(f, delimiter="\t")
+        if "Prod_Freq" not in (reader.fieldnames or []):
+            return found
+        for row in reader:
+            value = (row.get("Prod_Freq") or "").strip()
+            if value.isdigit() and int(value) > 0:
+                found[row["Concept"], row["Feature"]] = int(value)
+    return found
+
+
 def mcrae_examples(
     features: dict[str, set[str]],
     examples_per_concept: int = 2,

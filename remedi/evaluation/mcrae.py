@@ -17,6 +17,13 @@ correlation between the two over its co-occurring features, and report the mean 
   (seeded choice; :mod:`remedi.methods.replace` is the CounterFact counterpart);
 * ``none``: the unedited LM (after = before).
 
+The same is measured for the concept's *original* features (what the norms say it has), as the
+paper does to check that the edit keeps what the LM knew: the correlation of the LM's log p of
+each original feature with the log of its production frequency (how many of McRae's 30
+participants listed it), before and after (``orig_correlation_before``, ``orig_correlation``,
+``orig_correlation_change``; at most ``max_co_features`` features, a seeded sample; only when the
+norms file has the ``Prod_Freq`` column).
+
 This follows REMEDI's reference (``remedi/benchmarks.py``, ``mcrae_entailment``: per-example
 Pearson correlation of summed target log-probs with log co-probabilities, averaged) with these
 differences: the co-probability is the share of concepts (the reference weighted each concept by
@@ -33,7 +40,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -46,7 +53,14 @@ from remedi.metrics.rows import EditContext, scored_chunks
 from remedi.models import LoadedModel
 
 MCRAE_METHODS = ("none", "prefix", "replace", "remedi")
-MCRAE_METRIC_NAMES = ("co_correlation_before", "co_correlation", "co_correlation_change")
+MCRAE_METRIC_NAMES = (
+    "co_correlation_before",
+    "co_correlation",
+    "co_correlation_change",
+    "orig_correlation_before",
+    "orig_correlation",
+    "orig_correlation_change",
+)
 
 
 @dataclass
@@ -64,6 +78,11 @@ class EntailmentSample:
     targets: list[str]
     log_co_probs: list[float]
     subject_start: int
+    original_features: list[str] = field(default_factory=list)
+    original_prompts: list[str] = field(default_factory=list)
+    original_targets: list[str] = field(default_factory=list)
+    log_frequencies: list[float] = field(default_factory=list)
+    """log Prod_Freq of each original feature."""
 
 
 def feature_prompt(entity: str, feature: str) -> tuple[str, str, int]:
@@ -81,9 +100,11 @@ def build_samples(
     co_prob: dict[tuple[str, str], float],
     max_co_features: int | None = 50,
     seed: int = 0,
+    frequencies: dict[tuple[str, str], int] | None = None,
 ) -> list[EntailmentSample]:
     """An :class:`EntailmentSample` per McRae example (``case_id`` ``"concept|context
-    feature|prompt feature"``), with the features that co-occur with its context feature."""
+    feature|prompt feature"``), with the features that co-occur with its context feature and,
+    given production ``frequencies`` per (concept, feature), the concept's own features."""
     by_context: dict[str, list[tuple[str, float]]] = {}
     for (first, second), p in sorted(co_prob.items()):
         by_context.setdefault(first, []).append((second, p))
@@ -97,6 +118,10 @@ def build_samples(
             co = random.Random(f"{seed}:{example.case_id}").sample(co, max_co_features)
         entity = concept_text(concept)
         stated = [feature_prompt(entity, feature) for feature, _ in co]
+        own = sorted(f for f in features_of[concept] if (frequencies or {}).get((concept, f)))
+        if max_co_features is not None and len(own) > max_co_features:
+            own = random.Random(f"{seed}:own:{example.case_id}").sample(own, max_co_features)
+        own_stated = [feature_prompt(entity, feature) for feature in own]
         samples.append(
             EntailmentSample(
                 sample_id=str(example.case_id),
@@ -108,7 +133,13 @@ def build_samples(
                 prompts=[s[0] for s in stated],
                 targets=[s[1] for s in stated],
                 log_co_probs=[math.log(p) for _, p in co],
-                subject_start=stated[0][2] if stated else 0,
+                subject_start=(stated or own_stated or [("", "", 0)])[0][2],
+                original_features=own,
+                original_prompts=[x[0] for x in own_stated],
+                original_targets=[x[1] for x in own_stated],
+                log_frequencies=[
+                    math.log((frequencies or {})[concept, feature]) for feature in own
+                ],
             )
         )
     return samples
@@ -131,20 +162,25 @@ def method_rows(
     method: str,
     features_of: dict[str, set[str]] | None = None,
     seed: int = 0,
+    original: bool = False,
 ) -> tuple[list[ScoredRow], list[str | None]]:
-    """The rows scoring every sample's features under ``method`` (none, prefix, replace,
-    remedi), and per sample the replacing concept (replace only). A row's ``case_index`` is
-    its sample's index; rows of ``remedi`` carry the subject, for the edit."""
+    """The rows scoring every sample's co-occurring features (its ``original`` ones instead,
+    when asked) under ``method`` (none, prefix, replace, remedi), and per sample the replacing
+    concept (replace only). A row's ``case_index`` is its sample's index; rows of ``remedi``
+    carry the subject, for the edit."""
     if method not in MCRAE_METHODS:
         raise ValueError(f"method {method!r} must be one of {', '.join(MCRAE_METHODS)}")
     rows: list[ScoredRow] = []
     replaced: list[str | None] = []
     for i, sample in enumerate(samples):
-        prompts, start, other = sample.prompts, sample.subject_start, None
+        prompts = sample.original_prompts if original else sample.prompts
+        targets = sample.original_targets if original else sample.targets
+        features = sample.original_features if original else sample.features
+        start, other = sample.subject_start, None
         if method == "replace":
             other = replacement(sample, features_of or {}, seed)
             if other is not None:
-                swapped = [feature_prompt(concept_text(other), f) for f in sample.features]
+                swapped = [feature_prompt(concept_text(other), f) for f in features]
                 prompts = [s[0] for s in swapped]
         elif method == "prefix":
             prompts = [f"{sample.context} {p}" for p in prompts]
@@ -155,7 +191,7 @@ def method_rows(
         subject = sample.entity if method == "remedi" else None
         rows += [
             ScoredRow(i, "paraphrase", p, subject, t, start if subject else None)
-            for p, t in zip(prompts, sample.targets, strict=True)
+            for p, t in zip(prompts, targets, strict=True)
         ]
     return rows, replaced
 
@@ -189,31 +225,57 @@ def correlation(x: Sequence[float], y: Sequence[float]) -> float | None:
 
 
 def sample_correlations(
-    samples: Sequence[EntailmentSample], rows: Sequence[ScoredRow], log_probs: Sequence[float]
+    samples: Sequence[EntailmentSample],
+    rows: Sequence[ScoredRow],
+    log_probs: Sequence[float],
+    original: bool = False,
 ) -> list[float | None]:
-    """Per sample, the correlation of its rows' log-probs with its log co-probabilities (None
-    where it has none, e.g. a replace sample without a replacement)."""
+    """Per sample, the correlation of its rows' log-probs with its log co-probabilities (with
+    its original features' log production frequencies, when ``original``); None where it has
+    none, e.g. a replace sample without a replacement."""
     grouped: dict[int, list[float]] = {}
     for row, value in zip(rows, log_probs, strict=True):
         grouped.setdefault(row.case_index, []).append(value)
     return [
-        correlation(grouped[i], s.log_co_probs) if i in grouped else None
+        correlation(grouped[i], s.log_frequencies if original else s.log_co_probs)
+        if i in grouped
+        else None
         for i, s in enumerate(samples)
     ]
 
 
-def summary_row(
-    method: str, before: Sequence[float | None], after: Sequence[float | None]
-) -> dict[str, Any]:
-    """Mean correlation before and after over the samples that have both, and the change."""
+def mean_change(
+    before: Sequence[float | None], after: Sequence[float | None]
+) -> tuple[int, float | None, float | None, float | None]:
+    """``(n, mean before, mean after, change)`` over the samples that have both values."""
     pairs = [(b, a) for b, a in zip(before, after, strict=True) if b is not None and a is not None]
     mean_before = float(np.mean([b for b, _ in pairs])) if pairs else None
     mean_after = float(np.mean([a for _, a in pairs])) if pairs else None
     change = None if mean_before is None or mean_after is None else mean_after - mean_before
-    return {
+    return len(pairs), mean_before, mean_after, change
+
+
+def summary_row(
+    method: str,
+    before: Sequence[float | None],
+    after: Sequence[float | None],
+    original: tuple[Sequence[float | None], Sequence[float | None]] | None = None,
+) -> dict[str, Any]:
+    """Mean correlation before and after over the samples that have both, and the change; the
+    same for the original features when ``original`` = (before, after) is given."""
+    n, mean_before, mean_after, change = mean_change(before, after)
+    row: dict[str, Any] = {
         "method": method,
-        "n_cases": len(pairs),
+        "n_cases": n,
         "co_correlation_before": mean_before,
         "co_correlation": mean_after,
         "co_correlation_change": change,
     }
+    if original is not None:
+        _, orig_before, orig_after, orig_change = mean_change(*original)
+        row.update(
+            orig_correlation_before=orig_before,
+            orig_correlation=orig_after,
+            orig_correlation_change=orig_change,
+        )
+    return row

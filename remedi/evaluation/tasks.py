@@ -17,6 +17,7 @@ from remedi.data.attributes import (
     mcrae_examples,
     read_bios,
     read_mcrae_features,
+    read_mcrae_frequencies,
     split_three,
 )
 from remedi.evaluation import biosbias, mcrae, outputs, probe
@@ -92,7 +93,7 @@ def load_task_data(args: argparse.Namespace) -> Any:
                 features, s.examples_per_concept, s.min_co_prob, s.min_co_concepts, s.seed
             )
             chosen = split_of(examples, s.split, s.n_val, s.n_test, s.seed)
-            return chosen[: args.limit], features
+            return chosen[: args.limit], features, read_mcrae_frequencies(args.data)
         b = args.settings["biosbias"]
         every = read_bios(args.data, b.limit)
         return split_of(every, b.split, b.n_val, b.n_test, b.seed)[: args.limit], every
@@ -115,12 +116,21 @@ def run_mcrae(lm: LoadedModel, args: argparse.Namespace, data: Any, trained: Any
     from remedi.editors import attribute_states, metrics_context
 
     s = args.settings["mcrae"]
-    examples, features = data
+    examples, features, frequencies = data
     co_prob = co_probabilities(features, s.min_co_concepts)
-    samples = mcrae.build_samples(examples, features, co_prob, s.max_co_features, s.seed)
+    samples = mcrae.build_samples(
+        examples, features, co_prob, s.max_co_features, s.seed, frequencies
+    )
     base_rows, _ = mcrae.method_rows(samples, "none")
     before = mcrae.sample_correlations(
         samples, base_rows, mcrae.feature_log_probs(lm, base_rows, None, args.batch_size, "before")
+    )
+    own_rows, _ = mcrae.method_rows(samples, "none", original=True)
+    own_before = mcrae.sample_correlations(
+        samples,
+        own_rows,
+        mcrae.feature_log_probs(lm, own_rows, None, args.batch_size, "before (original)"),
+        original=True,
     )
     rows, records = [], []
     for method in args.method:
@@ -134,15 +144,23 @@ def run_mcrae(lm: LoadedModel, args: argparse.Namespace, data: Any, trained: Any
                 )
             alpha = args.settings["remedi"].alpha
             edit = metrics_context(lm, trained.layer, trained.loaded, attributes, alpha)
-        after = before
+        after, own_after = before, own_before
         if method != "none":
             values = mcrae.feature_log_probs(lm, scored, edit, args.batch_size, method)
             after = mcrae.sample_correlations(samples, scored, values)
-        row = mcrae.summary_row(method, before, after)
+            own, _ = mcrae.method_rows(samples, method, features, s.seed, original=True)
+            own_values = mcrae.feature_log_probs(
+                lm, own, edit, args.batch_size, f"{method} (original)"
+            )
+            own_after = mcrae.sample_correlations(samples, own, own_values, original=True)
+        original = (own_before, own_after) if frequencies else None
+        row = mcrae.summary_row(method, before, after, original)
         if method == "replace":
             row["n_skipped"] = sum(r is None for r in replaced)
         rows.append(row)
-        for sample, b, a, other in zip(samples, before, after, replaced, strict=True):
+        for sample, b, a, ob, oa, other in zip(
+            samples, before, after, own_before, own_after, replaced, strict=True
+        ):
             records.append(
                 {
                     "method": method,
@@ -152,6 +170,8 @@ def run_mcrae(lm: LoadedModel, args: argparse.Namespace, data: Any, trained: Any
                     "n_features": len(sample.features),
                     "correlation_before": b,
                     "correlation": a,
+                    "orig_correlation_before": ob,
+                    "orig_correlation": oa,
                     **({"replacement": other} if method == "replace" else {}),
                 }
             )
