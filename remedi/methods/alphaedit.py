@@ -25,17 +25,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from remedi.atomic import atomic_path
 from remedi.data import EditCase
-from remedi.methods.memit import MemitHyperParams, apply_edits, default_layers
+from remedi.methods.memit import Memit, MemitHyperParams, apply_edits
 from remedi.methods.second_moment import SecondMoment, float64_device
 from remedi.methods.weights import EditHandle
 from remedi.models import LoadedModel
-from remedi.registry import WeightMethod, register
+from remedi.registry import register
 
 log = logging.getLogger(__name__)
 
@@ -111,30 +111,20 @@ def projected_update(
 
 
 @register
-class AlphaEdit(WeightMethod):
+class AlphaEdit(Memit):
     """AlphaEdit: MEMIT's updates in the null space of the preserved and the earlier edits'
-    keys."""
+    keys (MEMIT's layers and batching, its own solve)."""
 
     name = "alphaedit"
     order = 7
     summary = "AlphaEdit: MEMIT projected onto the preserved keys' null space (Fang et al. 2025)"
     Settings = AlphaEditHyperParams
-    uses_statistics = True
     requires_statistics = True
-    group_size = None
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.streaming = False
         self.accumulated: dict[int, torch.Tensor] = {}
-
-    def resolve(self, lm: LoadedModel) -> AlphaEditHyperParams:
-        hp: AlphaEditHyperParams = self.settings
-        layers = hp.layers if hp.layers is not None else tuple(default_layers(lm))
-        return replace(hp, layers=tuple(lm.arch.check_layer(layer) for layer in layers))
-
-    def group(self, n_cases: int) -> int:
-        return self.settings.batch or n_cases
 
     def begin_stream(self, lm: LoadedModel) -> None:
         """Edits from now on accumulate their keys (a sequential or batched stream)."""
@@ -148,6 +138,7 @@ class AlphaEdit(WeightMethod):
 
     def write(self, lm: LoadedModel, cases: Sequence[EditCase]) -> list[EditHandle]:
         hp = self.resolve(lm)
+        assert isinstance(hp, AlphaEditHyperParams)
         assert hp.layers is not None
         stats = self.environment.statistics.of(lm, list(hp.layers))
         if stats is None:
