@@ -198,10 +198,12 @@ class GradientEditorModule(LearnedEditorModule):
         """Compute the unedited LM's states on every locality text of the training split."""
         cases = list(getattr(getattr(self.trainer, "datamodule", None), "train_cases", []))
         texts = training_texts(cases)
-        self.unedited.fill(self._lm, texts, self.eval_batch_size, progress=len(texts) > 1000)
+        big = len(texts) > 1000  # worth a progress bar and a copy in the disk cache
+        read = self.unedited.fill(self._lm, texts, self.eval_batch_size, big, cache=big)
         if texts:
             rank_zero_info(
-                f"{self.method}: unedited states of {len(texts)} locality texts cached "
+                f"{self.method}: unedited states of {len(texts)} locality texts "
+                f"{'read from the cache' if read else 'computed'} "
                 f"({self.unedited.nbytes / 2**20:.0f} MiB)"
             )
 

@@ -290,3 +290,33 @@ def test_a_bf16_model_gets_the_float32_update_rounded_once() -> None:
     assert not torch.equal(lm16.arch.mlp_out_weight(1), original)
     handle.restore()
     assert torch.equal(lm16.arch.mlp_out_weight(1), original)
+
+
+def test_unedited_states_are_read_back_from_the_disk_cache(
+    tiny: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import remedi.editors.locality as locality
+
+    monkeypatch.setenv("REMEDI_CACHE", str(tmp_path / "cache"))
+    cases = [_case(0, "Toko Yasuda", "guitar", ["John Lennon plays the", "Jimi Hendrix plays"])]
+    texts = training_texts(cases)
+    first = UneditedStates()
+    assert not first.fill(tiny, texts, batch_size=2, cache=True)
+    assert locality.states_path(tiny, texts, 2).is_file()
+
+    def no_lm(*_args: object, **_kwargs: object) -> torch.Tensor:
+        raise AssertionError("the LM must not run: the states are cached")
+
+    monkeypatch.setattr(locality, "final_hidden", no_lm)
+    second = UneditedStates()
+    assert second.fill(tiny, texts, batch_size=2, cache=True)
+    for key in texts:
+        assert torch.equal(second._states[key], first._states[key])
+    # other texts, another file; a damaged file is computed again, with a warning
+    assert locality.states_path(tiny, texts[:1], 2) != locality.states_path(tiny, texts, 2)
+    monkeypatch.undo()
+    monkeypatch.setenv("REMEDI_CACHE", str(tmp_path / "cache"))
+    locality.states_path(tiny, texts, 2).write_bytes(b"garbled")
+    third = UneditedStates()
+    assert not third.fill(tiny, texts, batch_size=2, cache=True)
+    assert torch.equal(third._states[texts[0]], first._states[texts[0]])

@@ -10,24 +10,33 @@ The LM is frozen, so the unedited side depends on the text alone: :class:`Unedit
 the final hidden states of every locality text a training set can draw (the unedited
 distributions are their unembedding), computed once before training in a fixed order, so a step
 runs the unedited LM on none of them and a resumed run sees the same values as an uninterrupted
-one.
+one. Large sets are kept in remedi's disk cache (``$REMEDI_CACHE/locality``), so a resumed run,
+or another editor trained on the same data, reads them instead of computing them again.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import random
 import zlib
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import torch
 from tqdm import tqdm
 
+from remedi.atomic import atomic_path
 from remedi.data import EditCase
 from remedi.editors.gradient import LayerUpdate, apply_updates
 from remedi.editors.training import kl_divergence
+from remedi.methods.second_moment import UNREADABLE
 from remedi.models import LoadedModel
+from remedi.models.loading import cache_dir
 from remedi.tokens import ContinuationBatch, encode_continuations, final_hidden
+
+log = logging.getLogger(__name__)
 
 LocalityPositions = Literal["answer", "all"]
 """Where the locality KL is taken: at the answer's tokens, or at every position of the
@@ -79,6 +88,16 @@ def locality_cells(
     return rows, cells
 
 
+def states_path(lm: LoadedModel, texts: Sequence[tuple[str, str]], batch_size: int) -> Path:
+    """Where the unedited states of ``texts`` are cached for ``lm``."""
+    digest = hashlib.sha256()
+    dtype = next(lm.model.parameters()).dtype
+    digest.update(f"{lm.spec}|{dtype}|{lm.device.type}|{batch_size}".encode())
+    for prompt, answer in texts:
+        digest.update(f"\0{prompt}\1{answer}".encode())
+    return cache_dir() / "locality" / f"{digest.hexdigest()[:24]}.pt"
+
+
 def training_texts(cases: Sequence[EditCase]) -> list[tuple[str, str]]:
     """Every ``(prompt, answer)`` that :func:`locality_rows` can draw from ``cases`` (each
     case's neighbourhood prompts and rewrite prompt with their true answers), sorted."""
@@ -104,10 +123,40 @@ class UneditedStates:
         texts: Sequence[tuple[str, str]],
         batch_size: int = 64,
         progress: bool = False,
-    ) -> None:
+        cache: bool = False,
+    ) -> bool:
         """Compute the states of ``texts`` (in their order, ``batch_size`` at a time), which
-        replace any held before: the same texts always give the same values."""
+        replace any held before: the same texts always give the same values. With ``cache``
+        they are read from (or written to) remedi's disk cache, keyed by the model, its dtype
+        and device, the batch size and the texts; returns whether they were read from it."""
         self._states.clear()
+        path = states_path(lm, texts, batch_size) if cache and texts else None
+        if path is not None and self._read(path, texts):
+            return True
+        self._compute(lm, texts, batch_size, progress)
+        if path is not None:
+            keys = list(texts)
+            with atomic_path(path) as tmp:
+                torch.save({"texts": keys, "states": [self._states[k] for k in keys]}, tmp)
+        return False
+
+    def _read(self, path: Path, texts: Sequence[tuple[str, str]]) -> bool:
+        if not path.is_file():
+            return False
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            if [tuple(t) for t in data["texts"]] != list(texts):
+                raise ValueError("it holds other texts")
+            self._states = {tuple(k): v for k, v in zip(data["texts"], data["states"], strict=True)}
+        except UNREADABLE as err:
+            log.warning("cached locality states %s are unusable (%s); computing them", path, err)
+            self._states.clear()
+            return False
+        return True
+
+    def _compute(
+        self, lm: LoadedModel, texts: Sequence[tuple[str, str]], batch_size: int, progress: bool
+    ) -> None:
         starts = range(0, len(texts), batch_size)
         bar = tqdm(starts, desc="unedited locality states", unit="batch", disable=not progress)
         for start in bar:

@@ -32,7 +32,7 @@ import torch
 from remedi.atomic import atomic_path
 from remedi.data import EditCase
 from remedi.methods.memit import Memit, MemitHyperParams, apply_edits
-from remedi.methods.second_moment import SecondMoment, float64_device
+from remedi.methods.second_moment import UNREADABLE, SecondMoment, float64_device
 from remedi.methods.weights import EditHandle
 from remedi.models import LoadedModel
 from remedi.registry import register
@@ -77,7 +77,7 @@ def projector(stats: SecondMoment | torch.Tensor, threshold: float) -> torch.Ten
             data = torch.load(cached, map_location="cpu", weights_only=True)
             if isinstance(stats, SecondMoment) and int(data["n_tokens"]) == stats.n_tokens:
                 result = data["projector"]
-        except (OSError, RuntimeError, KeyError, ValueError) as err:
+        except UNREADABLE as err:
             log.warning("cached projector %s is unusable (%s); computing it again", cached, err)
     if result is None:
         result = null_space_projector(matrix, threshold)
