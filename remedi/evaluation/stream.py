@@ -148,8 +148,7 @@ def run_stream(
         result.supported = False
         return result
     points = [p for p in (score_at or []) if p < len(cases)]
-    originals: dict[str, Any] = {}
-    handles_kept: list[Any] = []
+    originals: dict[str, Any] = {}  # parameter name -> the earliest handle backing it up
     method.begin_stream(lm)
     try:
         with tqdm(
@@ -163,11 +162,8 @@ def run_stream(
                 start = time.perf_counter()
                 if isinstance(method, WeightMethod):
                     for handle in method.write(lm, group):
-                        if any(name not in originals for name in handle.names):
-                            for name in handle.names:
-                                originals.setdefault(name, handle)
-                            handles_kept.append(handle)
-                        # a later write's backup of the same parameters is dropped here
+                        for name in handle.names:  # a later backup of a name is dropped
+                            originals.setdefault(name, handle)
                 seconds = (time.perf_counter() - start) / len(group)
                 done = first + len(group)
                 result.group_seconds.append(seconds)
@@ -192,11 +188,7 @@ def run_stream(
             )
         )
     finally:
-        restored: set[str] = set()
-        for kept in handles_kept:  # the earliest backup of each parameter wins
-            for name in kept.names:
-                if name not in restored and id(originals.get(name)) == id(kept):
-                    kept.restore_one(name)
-                    restored.add(name)
+        for name, handle in originals.items():
+            handle.restore_one(name)
         method.end_stream(lm)
     return result
