@@ -30,6 +30,12 @@ def used_cases(spec: str) -> tuple[set[int], set[str]]:
     return {int(c.case_id) for c in cases}, {c.subject for c in cases}
 
 
+def subject(record: dict) -> str:
+    """The edited subject of a ROME-layout or MEND-layout record."""
+    rewrite = record.get("requested_rewrite")
+    return str(rewrite["subject"] if rewrite else record["subject"])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("source", type=Path, help="CounterFact records to keep from")
@@ -49,11 +55,7 @@ def main() -> None:
         ids |= more_ids
         subjects |= more_subjects
     records = json.loads(args.source.read_text())
-    kept = [
-        r
-        for r in records
-        if int(r["case_id"]) not in ids and r["requested_rewrite"]["subject"] not in subjects
-    ]
+    kept = [r for r in records if int(r["case_id"]) not in ids and subject(r) not in subjects]
     write_text(args.output, json.dumps(kept) + "\n")
     print(f"kept {len(kept)} of {len(records)} records (the others share a case or a subject)")
 

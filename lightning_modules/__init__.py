@@ -8,6 +8,7 @@ from lightning_modules.learned_editor import (
     shared_model,
 )
 from lightning_modules.remedi_module import RemediModule
+from lightning_modules.serac_module import SeracModule
 from lightning_modules.trained import LEARNED_METHODS, load_trained
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "LearnedEditorModule",
     "MendModule",
     "RemediModule",
+    "SeracModule",
     "is_registered",
     "load_trained",
     "register_model",

@@ -1,4 +1,5 @@
-"""Apply weight edits to a model and save it as a Hugging Face directory.
+"""Apply edits to a model and save it as a Hugging Face directory (or, for a memory editor, the
+memory that edits it).
 
     python -m remedi.edit rome --requests examples/requests.jsonl --output runs/edited
 
@@ -8,8 +9,10 @@ after the other; MEMIT, and a trained MEND or KE editor (``--checkpoint``, best-
 weights), write them all at once (one summed update). Prints each request's top next token and
 target probabilities before and after and whether its edit took (see :func:`edit_took`), writes
 them to ``OUTPUT/edits.json`` and saves the edited model (safetensors + tokenizer) so that
-``load_model(OUTPUT)`` opens it. Exits with 1 when an edit did not take (the model is saved all
-the same) unless ``--allow-failed``, and with 2 on a usage error.
+``load_model(OUTPUT)`` opens it. A memory editor (SERAC, ``--checkpoint``) changes no weight: the
+output holds its editor, the requests and the model's name, which
+:func:`remedi.methods.serac_editor.load_memory` reopens. Exits with 1 when an edit did not take
+(the model is saved all the same) unless ``--allow-failed``, and with 2 on a usage error.
 """
 
 from __future__ import annotations
@@ -49,13 +52,24 @@ from remedi.cli import (
     quiet_warnings,
 )
 from remedi.methods.requests import EditRequest, load_requests
-from remedi.metrics import ScoredRow, row_probabilities
+from remedi.metrics import EditContext, ScoredRow, row_probabilities
+from remedi.metrics.rows import scored_chunks
 from remedi.models import DEFAULT_MODEL, LoadedModel
 from remedi.models.loading import DTYPES, save_tokenizer
 from remedi.signals import interruptible
-from remedi.tokens import encode_continuations, top_prediction
+from remedi.tokens import (
+    ContinuationBatch,
+    encode_continuations,
+    final_hidden,
+    top_prediction,
+    unembed,
+)
 
 DEFAULT_THREADS = 1
+MEMORY_FILE = "memory.json"
+"""A memory editor's saved edits (with the method and model), in its output folder."""
+MEMORY_EDITOR = "editor"
+"""The folder (beside :data:`MEMORY_FILE`) holding a memory editor's trained weights."""
 EDIT_FAILED = 1
 """Exit code when an edit did not take (without ``--allow-failed``)."""
 
@@ -94,7 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
     )
     p.add_argument(
-        "method", choices=weight_methods(), help="the editing method (one that writes weights)"
+        "method",
+        choices=weight_methods(),
+        help="the editing method (one that writes weights, or keeps a memory)",
     )
     p.add_argument(
         "--model",
@@ -186,8 +202,11 @@ def _layer_flags(args: argparse.Namespace) -> dict[str, list[int | None]]:
     return {"--layer": [args.layer], "--layers": list(args.layers or [])}
 
 
-def predictions(lm: LoadedModel, requests: Sequence[EditRequest]) -> list[dict[str, Any]]:
-    """Per request: the top next token after the rewrite prompt and the targets' probabilities.
+def predictions(
+    lm: LoadedModel, requests: Sequence[EditRequest], edit: EditContext | None = None
+) -> list[dict[str, Any]]:
+    """Per request: the top next token after the rewrite prompt and the targets' probabilities,
+    under ``edit`` (a memory editor's routing; None: the model as it is).
 
     The top token is read from the last position only (262k-entry logits at every position of
     the prompt would cost more than the rest of the forward pass).
@@ -197,14 +216,36 @@ def predictions(lm: LoadedModel, requests: Sequence[EditRequest]) -> list[dict[s
         for target in (req.target_new, req.target_true):
             if target:
                 rows.append(ScoredRow(i, "rewrite", req.rewrite_prompt, req.subject, target))
-    probs = row_probabilities(lm.model, lm.tokenizer, rows)
+    probs = row_probabilities(lm.model, lm.tokenizer, rows, edit)
     out: list[dict[str, Any]] = [{} for _ in requests]
     for row, prob in zip(rows, probs.tolist(), strict=True):
         key = "p_new" if row.target == requests[row.case_index].target_new else "p_true"
         out[row.case_index][key] = prob
-    for i, req in enumerate(requests):
-        out[i]["top"], out[i]["p_top"] = top_prediction(lm.model, lm.tokenizer, req.rewrite_prompt)
+    if edit is None:
+        for i, req in enumerate(requests):
+            out[i]["top"], out[i]["p_top"] = top_prediction(
+                lm.model, lm.tokenizer, req.rewrite_prompt
+            )
+        return out
+    firsts = [
+        next(j for j, row in enumerate(rows) if row.case_index == i) for i in range(len(requests))
+    ]
+    chosen = [rows[j] for j in firsts]
+    for indices, (ids, top) in scored_chunks(lm.model, lm.tokenizer, chosen, edit, scorer=_top):
+        for j, token, p in zip(indices, ids.tolist(), top.tolist(), strict=True):
+            out[j]["top"], out[j]["p_top"] = lm.tokenizer.decode([token]), p
     return out
+
+
+def _top(model: torch.nn.Module, batch: ContinuationBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top next token after each row's prompt and its probability."""
+    device = next(model.parameters()).device
+    batch = batch.to(device)
+    hidden = final_hidden(model, batch.input_ids, batch.attention_mask)
+    last = hidden[torch.arange(len(hidden), device=device), batch.last_prompt_index]
+    probs = torch.softmax(unembed(model, last).float(), dim=-1)
+    top = probs.max(dim=-1)
+    return top.indices.cpu(), top.values.cpu()
 
 
 def first_target_token(tokenizer: PreTrainedTokenizerBase, request: EditRequest) -> str:
@@ -261,8 +302,12 @@ def summary_line(
 
 def weight_methods() -> list[str]:
     """The registered methods whose edits live in the weights (so the edited model can be
-    saved)."""
-    return [name for name in registry.names() if registry.method_class(name).writes_weights]
+    saved) or in a memory (saved beside the editor)."""
+    return [
+        name
+        for name in registry.names()
+        if registry.method_class(name).writes_weights or registry.method_class(name).keeps_memory
+    ]
 
 
 def build_method(args: argparse.Namespace) -> registry.Method:
@@ -284,11 +329,20 @@ def build_method(args: argparse.Namespace) -> registry.Method:
     return method
 
 
-def apply(lm: LoadedModel, method: registry.Method, requests: Sequence[EditRequest]) -> None:
+def apply(
+    lm: LoadedModel, method: registry.Method, requests: Sequence[EditRequest]
+) -> EditContext | None:
     """Write every request into ``lm``'s weights and keep the edits (the model is saved
-    edited)."""
+    edited); for a memory editor, put them all in one memory and return the routing that the
+    model runs under afterwards."""
+    cases = registry.as_cases(requests)
+    if method.keeps_memory:
+        method.begin_stream(lm)
+        method.remember(lm, cases)
+        return method.stream_edit(lm)
     assert isinstance(method, registry.WeightMethod)
-    method.write(lm, registry.as_cases(requests))
+    method.write(lm, cases)
+    return None
 
 
 def save(lm: LoadedModel, output: Path, report: list[dict[str, Any]]) -> None:
@@ -296,6 +350,25 @@ def save(lm: LoadedModel, output: Path, report: list[dict[str, Any]]) -> None:
     with atomic_dir(output) as tmp:
         lm.model.save_pretrained(tmp)
         save_tokenizer(lm.tokenizer, tmp)
+        (tmp / "edits.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
+def save_memory(
+    args: argparse.Namespace, requests: Sequence[EditRequest], report: list[dict[str, Any]]
+) -> None:
+    """A memory editor's output: the model is unchanged, so the folder holds what reloads the
+    edits onto it (:func:`remedi.methods.serac_editor.load_memory`): the editor (as a shipped
+    checkpoint folder), the requests and which model they edit, and the report."""
+    from remedi import checkpoints
+
+    with atomic_dir(args.output) as tmp:
+        checkpoints.export(args.checkpoint, tmp / MEMORY_EDITOR)
+        saved = {
+            "method": args.method,
+            "model": args.model,
+            "requests": [vars(r) for r in requests],
+        }
+        (tmp / MEMORY_FILE).write_text(json.dumps(saved, indent=2) + "\n", encoding="utf-8")
         (tmp / "edits.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
 
@@ -335,9 +408,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         return fail(f"--requests {args.requests}: {one_line(err)}")
     start = time.perf_counter()
-    apply(lm, method, requests)
+    routing = apply(lm, method, requests)
     seconds = time.perf_counter() - start
-    after = predictions(lm, requests)
+    after = predictions(lm, requests, routing)
     report = []
     for req, b, a, first in zip(requests, before, after, first_tokens, strict=True):
         took = edit_took(req, a, first)
@@ -362,7 +435,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     print(summary_line(args.method, requests, report))
     saving = time.perf_counter()
-    save(lm, args.output, report)
+    if method.keeps_memory:
+        save_memory(args, requests, report)
+    else:
+        save(lm, args.output, report)
     print(
         f"{args.method}: {len(requests)} edit(s) in {seconds:.1f} s; saved to {args.output} "
         f"(model load {loaded:.1f} s, save {time.perf_counter() - saving:.1f} s)"

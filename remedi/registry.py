@@ -178,6 +178,14 @@ class Method(ABC):
     """True when the edit draws at random from ``environment.seed`` (``--seeds`` reruns it)."""
     writes_weights: ClassVar[bool] = False
     """True when the edit lives in the weights (``remedi.edit`` can save the edited model)."""
+    keeps_memory: ClassVar[bool] = False
+    """True when edits accumulate in a memory the method keeps (SERAC), not in the weights:
+    under an accumulating schedule :meth:`remember` adds each group and :meth:`stream_edit`
+    routes the scored rows against everything remembered."""
+    scores_free_text: ClassVar[bool] = True
+    """False when free text (the held-out perplexity text, unrelated prompts' samples) does not
+    pass through the edit as scored prompts do (SERAC routes scored prompts only): its
+    ``perplexity_ratio`` and ``unrelated_entropy`` are then n/a, not the unedited model's."""
     timed: ClassVar[bool] = True
     """False for methods that make no edit to time (none, prefix, replace)."""
     order: ClassVar[int] = 100
@@ -226,6 +234,15 @@ class Method(ABC):
 
     def end_stream(self, lm: LoadedModel) -> None:
         """The stream is over (the model is restored): drop what :meth:`begin_stream` began."""
+        return None
+
+    def remember(self, lm: LoadedModel, cases: Sequence[EditCase]) -> None:
+        """Add ``cases`` to the stream's memory (methods that :attr:`keeps_memory`)."""
+        raise NotImplementedError(f"{self.name} keeps no memory of edits")
+
+    def stream_edit(self, lm: LoadedModel) -> EditContext | None:
+        """The edit context the stream's scored rows run under (methods that
+        :attr:`keeps_memory`); None: the model as it is."""
         return None
 
     @classmethod

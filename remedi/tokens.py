@@ -119,6 +119,23 @@ def _pad(
     return ids, mask, shifts
 
 
+def pad_right(
+    rows: Sequence[Sequence[int]], pad_id: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``(input_ids, attention_mask)`` of token id lists."""
+    ids, mask, _ = _pad(rows, 0 if pad_id is None else pad_id, "right")
+    return ids, mask
+
+
+def encode_texts(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ``(input_ids, attention_mask, lengths)`` of plain ``texts``."""
+    rows = [list(tokenizer(text)["input_ids"]) for text in texts]
+    ids, mask = pad_right(rows, tokenizer.pad_token_id)
+    return ids, mask, torch.tensor([len(row) for row in rows])
+
+
 @dataclass
 class PromptBatch:
     """Padded prompts with the subject's token span and the last real token of each row."""

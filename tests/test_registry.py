@@ -36,6 +36,7 @@ BUILTIN = [
     "remedi",
     "mend",
     "ke",
+    "serac",
 ]
 
 
@@ -83,7 +84,9 @@ def _same(lm: LoadedModel, before: dict[str, torch.Tensor]) -> bool:
 
 def test_every_builtin_method_is_registered_once_with_its_kind() -> None:
     assert registry.names() == BUILTIN == remedi.list_editors()
-    assert registry.trained_names() == ["remedi", "mend", "ke"]
+    assert registry.trained_names() == ["remedi", "mend", "ke", "serac"]
+    memory = [n for n in BUILTIN if registry.method_class(n).keeps_memory]
+    assert memory == ["serac"]
     weights = [n for n in BUILTIN if registry.method_class(n).writes_weights]
     assert weights == ["ft", "ft-l", "rome", "memit", "alphaedit", "kn", "mend", "ke"]
     assert registry.method_class("mend").lightning_module == (

@@ -70,6 +70,7 @@ def run_method(
                         [first + i for i in kept],
                         renumbered(edited.row_edit, kept),
                         edited.text_prefix(),
+                        method.scores_free_text,
                     )
                     for i, metrics in zip(kept, per_case, strict=True):
                         result.per_case[first + i] = metrics
@@ -89,11 +90,13 @@ def score_cases(
     indices: Sequence[int],
     row_edit: EditContext | None = None,
     text_prefix: str = "",
+    free_text: bool = True,
 ) -> list[dict[str, float]]:
     """Every metric of ``cases`` (entries ``indices`` of the evaluated list) on the model as it
     is now, with ``row_edit`` around each scored batch: the shared CounterFact / zsRE metrics,
     and what ``env`` asks for (CounterFact+ against the unedited references, unrelated-text
-    entropy and held-out perplexity, both read after ``text_prefix``)."""
+    entropy and held-out perplexity, both read after ``text_prefix``; with ``free_text`` False
+    neither, as the edit does not reach free text)."""
     _, per_case = evaluate_cases(
         lm.model,
         lm.tokenizer,
@@ -109,11 +112,11 @@ def score_cases(
         )
         for metrics, extra in zip(per_case, found, strict=True):
             metrics.update(extra)
-    if env.unrelated_tokens > 0:
+    if env.unrelated_tokens > 0 and free_text:
         entropy = unrelated_entropy(lm, env.unrelated_tokens, text_prefix, env.seed)
         for metrics in per_case:
             metrics["unrelated_entropy"] = entropy
-    if env.heldout is not None:
+    if env.heldout is not None and free_text:
         ratio = perplexity(lm, env.heldout, text_prefix) / env.heldout_perplexity
         for metrics in per_case:
             metrics["perplexity_ratio"] = ratio

@@ -16,10 +16,12 @@ restored bitwise when the stream ends, exceptions included.
 Weight editors (learned or not) write each group with :meth:`~remedi.registry.WeightMethod.write`
 on top of the earlier ones. Only the first backup of each parameter is kept (a later write's
 backup of the same parameter is dropped), so memory does not grow with the number of edits.
-Methods whose edit lives in the input (prefix, replace, REMEDI) do not accumulate into one
-model: under these schedules they report no metrics (``n/a``), and ``none`` is the unedited
-model at every point. A method with stream state (AlphaEdit's accumulated keys) is told when the
-stream begins and ends (:meth:`~remedi.registry.Method.begin_stream`).
+A memory-based editor (SERAC) adds each group to its memory, and every scored prompt is routed
+against all of it. Methods whose edit lives in the input (prefix, replace, REMEDI) do not
+accumulate into one model: under these schedules they report no metrics (``n/a``), and
+``none`` is the unedited model at every point. A method with stream state (AlphaEdit's
+accumulated keys, SERAC's memory) is told when the stream begins and ends
+(:meth:`~remedi.registry.Method.begin_stream`).
 """
 
 from __future__ import annotations
@@ -85,8 +87,9 @@ def parse_score_at(text: str) -> list[int] | None:
 
 
 def streams(method: Method) -> bool:
-    """Whether ``method``'s edits accumulate in one model (weights), or it makes none."""
-    return isinstance(method, WeightMethod) or method.name == "none"
+    """Whether ``method``'s edits accumulate in one model (weights) or in a memory it keeps,
+    or it makes none."""
+    return isinstance(method, WeightMethod) or method.keeps_memory or method.name == "none"
 
 
 @dataclass
@@ -164,20 +167,36 @@ def run_stream(
                     for handle in method.write(lm, group):
                         for name in handle.names:  # a later backup of a name is dropped
                             originals.setdefault(name, handle)
+                elif method.keeps_memory:
+                    method.remember(lm, group)
                 seconds = (time.perf_counter() - start) / len(group)
                 done = first + len(group)
                 result.group_seconds.append(seconds)
                 result.group_rss_mib.append(resident_mib())
-                if method.timed and isinstance(method, WeightMethod):
+                if method.timed and (isinstance(method, WeightMethod) or method.keeps_memory):
                     result.edit_seconds += [seconds] * len(group)
                 while points and points[0] <= done:
                     points.pop(0)
-                    metrics = score_cases(lm, env, cases[:done], range(done))
+                    metrics = score_cases(
+                        lm,
+                        env,
+                        cases[:done],
+                        range(done),
+                        method.stream_edit(lm),
+                        free_text=method.scores_free_text,
+                    )
                     result.curve.append(
                         CurvePoint(done, summarize(metrics), seconds, resident_mib(), _gpu_mib(lm))
                     )
                 bar.update(len(group))
-        result.per_case = score_cases(lm, env, cases, range(len(cases)))
+        result.per_case = score_cases(
+            lm,
+            env,
+            cases,
+            range(len(cases)),
+            method.stream_edit(lm),
+            free_text=method.scores_free_text,
+        )
         result.curve.append(
             CurvePoint(
                 len(cases),
