@@ -153,8 +153,7 @@ class GradientEditorModule(LearnedEditorModule):
     @property
     def projection_shape(self) -> tuple[int, int]:
         """``(in, out)`` widths of the edited MLP output projections."""
-        weight = self._lm.arch.mlp_out_weight(self.layers[0])
-        return int(weight.shape[1]), int(weight.shape[0])
+        return self._lm.arch.mlp_out_shape(self.layers[0])
 
     def checkpoint_extra(self) -> dict[str, Any]:
         return {"projection_shape": list(self.projection_shape)}

@@ -266,15 +266,9 @@ def default_scope_layer(lm: LoadedModel) -> int:
     return max(0, lm.arch.num_layers // 3 - 1)
 
 
-def projection_shape(lm: LoadedModel, layer: int) -> tuple[int, int]:
-    """``(in, out)`` widths of block ``layer``'s MLP output projection."""
-    weight = lm.arch.mlp_out_weight(layer)
-    return int(weight.shape[1]), int(weight.shape[0])
-
-
 def build_editor(lm: LoadedModel, hparams: dict[str, Any], layers: Sequence[int]) -> SeracEditor:
     """The untrained editor that ``hparams`` (a module's or a checkpoint's) describe."""
-    n_in, n_out = projection_shape(lm, layers[0])
+    n_in, n_out = lm.arch.mlp_out_shape(layers[0])
     scope_layer = hparams.get("scope_layer")
     return SeracEditor(
         layers,

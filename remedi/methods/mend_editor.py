@@ -27,8 +27,7 @@ class GradientEditing(TrainedMethod, WeightMethod):
     @staticmethod
     def projection_shape(lm: LoadedModel, found: TrainedCheckpoint) -> tuple[int, int]:
         """``(in, out)`` widths of the edited MLP output projections."""
-        weight = lm.arch.mlp_out_weight(found.layers[0])
-        return int(weight.shape[1]), int(weight.shape[0])
+        return lm.arch.mlp_out_shape(found.layers[0])
 
 
 @register

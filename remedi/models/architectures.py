@@ -220,6 +220,11 @@ class Arch:
         name = self.spec.post_mlp_norm
         return None if name is None else self.block(layer).get_submodule(name)
 
+    def mlp_out_shape(self, layer: int) -> tuple[int, int]:
+        """``(in, out)`` widths of block ``layer``'s MLP output projection."""
+        weight = self.mlp_out_weight(layer)
+        return int(weight.shape[1]), int(weight.shape[0])
+
     def mlp_out_weight(self, layer: int) -> torch.Tensor:
         """The MLP output projection's weight as an ``[out, in]`` view (writes go to the model)."""
         weight: torch.Tensor = self.mlp_out(layer).weight  # type: ignore[assignment]
